@@ -1,0 +1,174 @@
+//! Builds the whole service from a [`Config`]: store, Redis, background
+//! tasks, schema, router, bound listener. `main` and every test build it the
+//! same way (tests on port 0).
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::Router;
+use rand::RngCore;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    auth::Auth,
+    config::Config,
+    events::{self, EventBus},
+    expiry::{listener::{Listener, ListenerState}, nudger::Nudger, sweeper, Keys, Scheduler},
+    graphql::{self, types::StoreLoader, Services},
+    http::{self, HttpState},
+    orders::Orders,
+    ratelimit::RateLimiter,
+    redis_server::{self, PrivateRedis, RedisStartError},
+    store::{self, Store, StoreError},
+    telemetry,
+    ws::WsSettings,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("DATABASE_URL: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Redis(#[from] RedisStartError),
+    #[error("LISTEN_ADDR: cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A built service, bound to its port, background tasks running.
+pub struct App {
+    pub addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub orders: Arc<Orders>,
+    pub redis_url: String,
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tracker: TaskTracker,
+    /// Cancelled when the server stops: every background task and websocket
+    /// watches it.
+    shutdown: CancellationToken,
+    /// Kept alive for the life of the app; its drop stops the child.
+    _private_redis: Option<PrivateRedis>,
+}
+
+/// Opens the configured database, creating and migrating it.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    store::connect(&config.database_url, config.db_max_connections, config.db_timeout).await
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        telemetry::metrics_handle();
+        let store = open_store(&config).await?;
+        let (redis_url, private_redis) = redis_server::resolve(config.redis_url.as_deref()).await?;
+        let client = redis::Client::open(redis_url.as_str()).map_err(|e| RedisStartError::Unreachable {
+            url: redis_url.clone(),
+            reason: e.to_string(),
+        })?;
+        let db = client.get_connection_info().redis_settings().db();
+        // Commands fail fast while Redis is away: an order is still placed
+        // (the sweep covers it) instead of hanging on a dead connection.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(1000)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config)
+            .await
+            .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
+
+        let jwt_secret = match &config.jwt_secret {
+            Some(s) => s.0.clone().into_bytes(),
+            None => {
+                warn!("JWT_SECRET is not set: using a random key, so customer tokens die with this process and other instances reject them");
+                let mut key = vec![0u8; 32];
+                rand::thread_rng().fill_bytes(&mut key);
+                key
+            }
+        };
+        let auth = Auth::new(config.admin_token.clone(), &jwt_secret, config.jwt_lifetime);
+        if config.admin_token.is_none() {
+            warn!("ADMIN_TOKEN is not set: admin operations are refused");
+        }
+
+        let keys = Keys { prefix: config.redis_key_prefix.clone() };
+        let (bus, relay_inbox) = EventBus::new();
+        let scheduler = Scheduler { conn: conn.clone(), keys: keys.clone() };
+        let orders = Arc::new(Orders { store: store.clone(), scheduler, events: bus.clone(), ttl: config.order_ttl });
+
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let listener_state = Arc::new(ListenerState::default());
+        let sweep_now = Arc::new(Notify::new());
+
+        tracker.spawn(events::run_relay(relay_inbox, store.clone(), conn.clone(), keys.events(), shutdown.clone()));
+        tracker.spawn(events::run_fanout(bus.clone(), client.clone(), keys.events(), shutdown.clone()));
+        tracker.spawn(Nudger::new(conn.clone(), keys.clone()).run(config.nudge_interval, shutdown.clone()));
+        tracker.spawn(
+            Listener {
+                client: client.clone(),
+                conn: conn.clone(),
+                keys: keys.clone(),
+                db,
+                orders: orders.clone(),
+                state: listener_state.clone(),
+                sweep_now: sweep_now.clone(),
+            }
+            .run(tracker.clone(), shutdown.clone()),
+        );
+        tracker.spawn(sweeper::run(orders.clone(), config.sweep_interval, sweep_now, shutdown.clone()));
+
+        let services = Arc::new(Services {
+            store: store.clone(),
+            orders: orders.clone(),
+            auth: auth.clone(),
+            events: bus.clone(),
+            loader: async_graphql::dataloader::DataLoader::new(StoreLoader(store.clone()), tokio::spawn)
+                .delay(Duration::from_micros(200)),
+            auth_limiter: RateLimiter::per_minute(config.auth_rate_limit_per_minute),
+        });
+        let schema = graphql::build(services, config.introspection);
+        let state = HttpState {
+            schema,
+            auth,
+            store: store.clone(),
+            redis: conn,
+            listener: listener_state,
+            events: bus,
+            ws: Arc::new(WsSettings {
+                max_subscriptions: config.ws_max_subscriptions,
+                init_timeout: config.ws_init_timeout,
+                keepalive: Duration::from_secs(15),
+            }),
+            ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),
+            shutdown: shutdown.clone(),
+        };
+        let router = http::router(state, &config.demo_dir);
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        info!(backend = store.backend(), redis = %crate::config::redact_url(&redis_url), "shopgraph built");
+        Ok(App { addr, store, orders, redis_url, listener, router, tracker, shutdown, _private_redis: private_redis })
+    }
+
+    /// Serves until `stop` resolves, then closes websockets (1001), lets
+    /// in-flight requests finish and waits for the background tasks.
+    pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let token = self.shutdown.clone();
+        let serve = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                stop.await;
+                token.cancel();
+            });
+        let result = serve.await;
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+            warn!("background tasks did not stop within 10 s");
+        }
+        info!("shopgraph stopped");
+        result
+    }
+}

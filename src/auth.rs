@@ -1,0 +1,155 @@
+//! Who is asking: the admin token, customer JWTs (HS256, `sub` + `exp`), and
+//! password hashing (argon2, off the async threads).
+
+use std::{sync::Arc, time::Duration};
+
+use argon2::{
+    password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+    Argon2,
+};
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::{config::Secret, domain::CustomerId};
+
+/// The caller of one request or websocket connection, decided once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    Customer(CustomerId),
+    Admin,
+}
+
+impl Identity {
+    /// Whose orders this caller may see (`None`: all, for the admin).
+    pub fn owner_filter(self) -> Option<Option<CustomerId>> {
+        match self {
+            Identity::Anonymous => None,
+            Identity::Customer(c) => Some(Some(c)),
+            Identity::Admin => Some(None),
+        }
+    }
+}
+
+/// A bearer credential that is present but not valid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the bearer token is invalid or expired")]
+pub struct InvalidToken;
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    iat: u64,
+}
+
+pub struct Auth {
+    admin_token: Option<Secret>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    lifetime: Duration,
+    /// A real argon2 hash verified for unknown emails, so that a login's
+    /// timing does not tell whether the email exists.
+    dummy_hash: String,
+}
+
+impl Auth {
+    pub fn new(admin_token: Option<Secret>, jwt_secret: &[u8], lifetime: Duration) -> Arc<Self> {
+        let dummy_hash = hash_password_blocking("not-a-real-password-0123456789");
+        Arc::new(Auth {
+            admin_token,
+            encoding: EncodingKey::from_secret(jwt_secret),
+            decoding: DecodingKey::from_secret(jwt_secret),
+            lifetime,
+            dummy_hash,
+        })
+    }
+
+    pub fn admin_configured(&self) -> bool {
+        self.admin_token.is_some()
+    }
+
+    /// The identity for an `Authorization` header value (or websocket
+    /// `connection_init` value). No value is anonymous; a bad one is an error,
+    /// never anonymous.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Identity, InvalidToken> {
+        let Some(raw) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+            return Ok(Identity::Anonymous);
+        };
+        let token = match raw.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            // "Bearer" with nothing after it: no credential, as if absent
+            None if raw.eq_ignore_ascii_case("bearer") => return Ok(Identity::Anonymous),
+            _ => return Err(InvalidToken),
+        };
+        if let Some(admin) = &self.admin_token {
+            if bool::from(admin.0.as_bytes().ct_eq(token.as_bytes())) {
+                return Ok(Identity::Admin);
+            }
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let data = decode::<Claims>(token, &self.decoding, &validation).map_err(|_| InvalidToken)?;
+        let id = CustomerId::parse(&data.claims.sub).map_err(|_| InvalidToken)?;
+        Ok(Identity::Customer(id))
+    }
+
+    pub fn issue_token(&self, customer: CustomerId) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims { sub: customer.to_string(), iat: now, exp: now + self.lifetime.as_secs() };
+        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 encoding cannot fail")
+    }
+
+    pub async fn hash_password(&self, password: String) -> String {
+        tokio::task::spawn_blocking(move || hash_password_blocking(&password))
+            .await
+            .expect("hashing does not panic")
+    }
+
+    /// Checks `password` against `hash`, or against a dummy hash when the
+    /// customer is unknown, so both paths cost the same.
+    pub async fn verify_password(&self, password: String, hash: Option<String>) -> bool {
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        ok && known
+    }
+}
+
+fn hash_password_blocking(password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Arc<Auth> {
+        Auth::new(Some(Secret("admin-secret".into())), b"0123456789abcdef0123", Duration::from_secs(60))
+    }
+
+    #[test]
+    fn tokens_round_trip_and_forgeries_are_refused() {
+        let a = auth();
+        let t = a.issue_token(CustomerId(7));
+        assert_eq!(a.authenticate(Some(&format!("Bearer {t}"))), Ok(Identity::Customer(CustomerId(7))));
+        let other = Auth::new(None, b"another-secret-entirely", Duration::from_secs(60));
+        assert_eq!(other.authenticate(Some(&format!("Bearer {t}"))), Err(InvalidToken));
+        assert_eq!(a.authenticate(Some("Bearer garbage")), Err(InvalidToken));
+        assert_eq!(a.authenticate(Some("Basic abc")), Err(InvalidToken));
+        assert_eq!(a.authenticate(None), Ok(Identity::Anonymous));
+        assert_eq!(a.authenticate(Some("Bearer admin-secret")), Ok(Identity::Admin));
+    }
+}

@@ -1,0 +1,307 @@
+//! Settings from the environment and `serve` flags, validated once at start.
+//!
+//! Every setting arrives as text (clap reads the flag or the variable) and is
+//! parsed here, so an invalid value stops the start with one line naming the
+//! variable instead of a clap usage dump.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+/// The validated configuration of one server process.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: String,
+    /// `None`: use `redis://127.0.0.1:6379/0`, or start a private
+    /// `redis-server` when nothing answers there.
+    pub redis_url: Option<String>,
+    pub redis_key_prefix: String,
+    pub listen_addr: SocketAddr,
+    pub order_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub admin_token: Option<Secret>,
+    /// `None`: a random key per process (with a warning).
+    pub jwt_secret: Option<Secret>,
+    pub jwt_lifetime: Duration,
+    pub db_max_connections: u32,
+    /// How long a request waits for the database before failing with `INTERNAL`.
+    pub db_timeout: Duration,
+    pub nudge_interval: Duration,
+    pub ws_max_connections: usize,
+    pub ws_max_subscriptions: usize,
+    pub ws_init_timeout: Duration,
+    pub introspection: bool,
+    pub demo_dir: PathBuf,
+    pub auth_rate_limit_per_minute: u32,
+    pub log_format: LogFormat,
+}
+
+/// A value that must never reach a log line.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+impl Default for Config {
+    /// The contract's defaults.
+    fn default() -> Self {
+        Config {
+            database_url: "sqlite://shopgraph.db".into(),
+            redis_url: None,
+            redis_key_prefix: "shopgraph:".into(),
+            listen_addr: "127.0.0.1:8000".parse().expect("valid address"),
+            order_ttl: Duration::from_secs(30 * 60),
+            sweep_interval: Duration::from_secs(30),
+            admin_token: None,
+            jwt_secret: None,
+            jwt_lifetime: Duration::from_secs(24 * 3600),
+            db_max_connections: 8,
+            db_timeout: Duration::from_secs(5),
+            nudge_interval: Duration::from_millis(20),
+            ws_max_connections: 20_000,
+            ws_max_subscriptions: 100,
+            ws_init_timeout: Duration::from_secs(10),
+            introspection: true,
+            demo_dir: PathBuf::from("frontend-demo/dist"),
+            auth_rate_limit_per_minute: 30,
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// Flags of `shopgraph serve`; each also read from its environment variable.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ConfigArgs {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    #[arg(long, env = "LISTEN_ADDR")]
+    pub listen_addr: Option<String>,
+    #[arg(long, env = "ORDER_TTL")]
+    pub order_ttl: Option<String>,
+    #[arg(long, env = "SWEEP_INTERVAL")]
+    pub sweep_interval: Option<String>,
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// How long customer tokens stay valid.
+    #[arg(long, env = "JWT_LIFETIME")]
+    pub jwt_lifetime: Option<String>,
+    #[arg(long, env = "DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<String>,
+    #[arg(long, env = "DB_TIMEOUT")]
+    pub db_timeout: Option<String>,
+    /// How often the deadline index is polled for due orders.
+    #[arg(long, env = "NUDGE_INTERVAL")]
+    pub nudge_interval: Option<String>,
+    #[arg(long, env = "WS_MAX_CONNECTIONS")]
+    pub ws_max_connections: Option<String>,
+    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS")]
+    pub ws_max_subscriptions: Option<String>,
+    #[arg(long, env = "WS_INIT_TIMEOUT")]
+    pub ws_init_timeout: Option<String>,
+    /// `true` or `false`.
+    #[arg(long, env = "INTROSPECTION")]
+    pub introspection: Option<String>,
+    #[arg(long, env = "DEMO_DIR")]
+    pub demo_dir: Option<String>,
+    /// Logins and registrations per client address per minute.
+    #[arg(long, env = "AUTH_RATE_LIMIT")]
+    pub auth_rate_limit: Option<String>,
+    /// `human` or `json`.
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// One invalid setting, printed as one line naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+fn bad(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        reason: reason.into(),
+    }
+}
+
+fn duration(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(raw.trim()).map_err(|_| {
+        bad(
+            var,
+            format!("invalid duration {raw:?} (expected e.g. 500ms, 2s, 30m, 1h)"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(bad(var, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    var: &'static str,
+    raw: &str,
+) -> Result<T, ConfigError> {
+    match raw.trim().parse::<T>() {
+        Ok(v) if v > T::default() => Ok(v),
+        _ => Err(bad(
+            var,
+            format!("invalid value {raw:?} (expected a positive integer)"),
+        )),
+    }
+}
+
+impl ConfigArgs {
+    /// Parses every setting; the first invalid one is the error.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        if let Some(url) = self.database_url {
+            let url = url.trim().to_string();
+            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad("DATABASE_URL", format!("unsupported URL {:?} (expected sqlite://… or postgres://…)", redact_url(&url))));
+            }
+            c.database_url = url;
+        }
+        if let Some(url) = self.redis_url {
+            let url = url.trim().to_string();
+            let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
+                bad("REDIS_URL", format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&url)))
+            })?;
+            let _ = info;
+            c.redis_url = Some(url);
+        }
+        if let Some(p) = self.redis_key_prefix {
+            if p.is_empty() || p.chars().any(|ch| ch.is_whitespace() || ch == '*' || ch == '?' || ch == '[') {
+                return Err(bad("REDIS_KEY_PREFIX", "must be non-empty without spaces or glob characters"));
+            }
+            c.redis_key_prefix = p;
+        }
+        if let Some(a) = self.listen_addr {
+            c.listen_addr = a.trim().parse().map_err(|_| {
+                bad("LISTEN_ADDR", format!("invalid address {a:?} (expected HOST:PORT, e.g. 127.0.0.1:8000)"))
+            })?;
+        }
+        if let Some(v) = self.order_ttl {
+            c.order_ttl = duration("ORDER_TTL", &v)?;
+        }
+        if let Some(v) = self.sweep_interval {
+            c.sweep_interval = duration("SWEEP_INTERVAL", &v)?;
+        }
+        if let Some(v) = self.admin_token {
+            if v.len() < 8 {
+                return Err(bad("ADMIN_TOKEN", "must be at least 8 characters"));
+            }
+            c.admin_token = Some(Secret(v));
+        }
+        if let Some(v) = self.jwt_secret {
+            if v.len() < 16 {
+                return Err(bad("JWT_SECRET", "must be at least 16 characters"));
+            }
+            c.jwt_secret = Some(Secret(v));
+        }
+        if let Some(v) = self.jwt_lifetime {
+            c.jwt_lifetime = duration("JWT_LIFETIME", &v)?;
+        }
+        if let Some(v) = self.db_max_connections {
+            c.db_max_connections = positive("DB_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = self.db_timeout {
+            c.db_timeout = duration("DB_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.nudge_interval {
+            c.nudge_interval = duration("NUDGE_INTERVAL", &v)?;
+        }
+        if let Some(v) = self.ws_max_connections {
+            c.ws_max_connections = positive("WS_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = self.ws_max_subscriptions {
+            c.ws_max_subscriptions = positive("WS_MAX_SUBSCRIPTIONS", &v)?;
+        }
+        if let Some(v) = self.ws_init_timeout {
+            c.ws_init_timeout = duration("WS_INIT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.introspection {
+            c.introspection = match v.trim() {
+                "true" | "1" | "on" | "yes" => true,
+                "false" | "0" | "off" | "no" => false,
+                _ => return Err(bad("INTROSPECTION", format!("invalid value {v:?} (expected true or false)"))),
+            };
+        }
+        if let Some(v) = self.demo_dir {
+            c.demo_dir = PathBuf::from(v);
+        }
+        if let Some(v) = self.auth_rate_limit {
+            c.auth_rate_limit_per_minute = positive("AUTH_RATE_LIMIT", &v)?;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = match v.trim() {
+                "human" | "text" | "" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
+            };
+        }
+        Ok(c)
+    }
+}
+
+/// The URL without its password, for error messages.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_ttl_is_refused_naming_the_variable() {
+        let args = ConfigArgs { order_ttl: Some("0s".into()), ..Default::default() };
+        let err = args.into_config().unwrap_err();
+        assert_eq!(err.var, "ORDER_TTL");
+    }
+
+    #[test]
+    fn an_unparsable_ttl_is_refused_naming_the_variable() {
+        let args = ConfigArgs { order_ttl: Some("abc".into()), ..Default::default() };
+        assert!(args.into_config().unwrap_err().to_string().starts_with("ORDER_TTL: invalid duration"));
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_refused() {
+        let args = ConfigArgs { redis_url: Some("http://nope".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "REDIS_URL");
+    }
+
+    #[test]
+    fn humantime_durations_are_accepted() {
+        let args = ConfigArgs { order_ttl: Some("90s".into()), sweep_interval: Some("500ms".into()), ..Default::default() };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.order_ttl, Duration::from_secs(90));
+        assert_eq!(c.sweep_interval, Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,46 @@
+//! The domain's error vocabulary. `graphql::errors` maps each variant to
+//! exactly one contract code; nothing else decides codes.
+
+use crate::{
+    domain::{InvalidInput, OrderId, OrderStatus, ProductId},
+    store::{PlaceError, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShopError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("not enough stock for product {0}")]
+    InsufficientStock(ProductId),
+    #[error("order {id} is {status:?}: it can no longer be paid or cancelled")]
+    NotPending { id: OrderId, status: OrderStatus },
+    #[error("order {0} has expired: it can no longer be paid")]
+    Expired(OrderId),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    RateLimited(String),
+    #[error("internal error")]
+    Store(#[from] StoreError),
+}
+
+impl From<PlaceError> for ShopError {
+    fn from(e: PlaceError) -> Self {
+        match e {
+            PlaceError::UnknownProduct(p) => ShopError::NotFound(format!("product {p}")),
+            PlaceError::InsufficientStock(p) => ShopError::InsufficientStock(p),
+            PlaceError::MixedCurrencies => ShopError::Invalid(InvalidInput(e.to_string())),
+            PlaceError::TotalTooLarge => ShopError::Invalid(InvalidInput(e.to_string())),
+            PlaceError::IdempotencyConflict => ShopError::Conflict(e.to_string()),
+            PlaceError::Store(s) => ShopError::Store(s),
+        }
+    }
+}
+
+pub type ShopResult<T> = Result<T, ShopError>;

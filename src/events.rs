@@ -1,0 +1,241 @@
+//! Order events, from the transaction that recorded them to every subscriber
+//! on every instance.
+//!
+//! * The transaction that changes an order writes an outbox row (its id is
+//!   the event id). The instance that committed hands the event to its relay
+//!   at once and delivers it to its own subscribers.
+//! * The relay `PUBLISH`es to `<prefix>events` and deletes the outbox rows;
+//!   rows it could not publish (Redis away, or an instance died) are claimed
+//!   again by some relay after a grace period, until Redis takes them.
+//! * The fan-out is one Redis subscription per process feeding a tokio
+//!   broadcast that every GraphQL subscription filters. Event ids already
+//!   delivered are dropped, so a re-published event reaches nobody twice.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{domain::OrderEvent, pubsub, store::Store, telemetry};
+
+/// What a GraphQL subscription receives.
+#[derive(Clone, Debug)]
+pub enum Fanout {
+    Event(Arc<OrderEvent>),
+    /// The event connection was lost and is back: events may have been
+    /// missed, so snapshots should be read again.
+    Resync,
+}
+
+/// Events kept per subscriber before it counts as lagging. A burst larger
+/// than this reaches a slow subscriber as an explicit error or a snapshot.
+pub const BROADCAST_CAPACITY: usize = 16_384;
+/// Event ids remembered for de-duplication.
+const SEEN_CAPACITY: usize = 200_000;
+/// An outbox row this old was not published by its instance: claim it.
+const OUTBOX_GRACE: Duration = Duration::from_secs(2);
+const OUTBOX_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Every local subscription holds a receiver of this.
+    tx: broadcast::Sender<Fanout>,
+    /// To the relay: events committed by this instance, to publish now.
+    relay: mpsc::UnboundedSender<Vec<OrderEvent>>,
+    seen: Mutex<Seen>,
+    fanout_up: AtomicBool,
+}
+
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<i64>,
+    order: VecDeque<i64>,
+}
+
+impl Seen {
+    /// True the first time an id is offered.
+    fn first_time(&mut self, id: i64) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > SEEN_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The receiving end of the relay channel, consumed by [`run_relay`].
+pub struct RelayInbox(mpsc::UnboundedReceiver<Vec<OrderEvent>>);
+
+impl EventBus {
+    pub fn new() -> (EventBus, RelayInbox) {
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (relay, inbox) = mpsc::unbounded_channel();
+        let bus = EventBus {
+            inner: Arc::new(Inner { tx, relay, seen: Mutex::default(), fanout_up: AtomicBool::new(false) }),
+        };
+        (bus, RelayInbox(inbox))
+    }
+
+    /// Events committed by this instance: deliver locally now, publish to
+    /// the other instances through the relay.
+    pub fn publish(&self, events: Vec<OrderEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            self.deliver(Arc::new(e.clone()));
+        }
+        let _ = self.inner.relay.send(events);
+    }
+
+    fn deliver(&self, event: Arc<OrderEvent>) {
+        let first = self.inner.seen.lock().expect("seen lock").first_time(event.event_id);
+        if first {
+            let _ = self.inner.tx.send(Fanout::Event(event));
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Fanout> {
+        self.inner.tx.subscribe()
+    }
+
+    pub fn fanout_up(&self) -> bool {
+        self.inner.fanout_up.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.inner.tx.receiver_count()
+    }
+}
+
+/// Publishes events to Redis and forgets them in the outbox once Redis has
+/// them. Runs until shutdown, then publishes what it still holds.
+pub async fn run_relay(
+    mut inbox: RelayInbox,
+    store: Arc<dyn Store>,
+    conn: ConnectionManager,
+    channel: String,
+    shutdown: CancellationToken,
+) {
+    let mut poll = tokio::time::interval(OUTBOX_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf: Vec<Vec<OrderEvent>> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                while let Ok(events) = inbox.0.try_recv() {
+                    publish(&store, &conn, &channel, events).await;
+                }
+                return;
+            }
+            n = inbox.0.recv_many(&mut buf, 64) => {
+                if n == 0 { return; }
+                let events: Vec<OrderEvent> = buf.drain(..).flatten().collect();
+                publish(&store, &conn, &channel, events).await;
+            }
+            _ = poll.tick() => {
+                let now = chrono::Utc::now();
+                let before = now - chrono::Duration::from_std(OUTBOX_GRACE).expect("small");
+                let lease = now + chrono::Duration::seconds(10);
+                match store.outbox_claim(before, lease, 1000).await {
+                    Ok(events) if !events.is_empty() => {
+                        debug!(count = events.len(), "relaying events left in the outbox");
+                        publish(&store, &conn, &channel, events).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "outbox poll failed"),
+                }
+                if let Ok(n) = store.outbox_len().await {
+                    telemetry::outbox_backlog(n);
+                }
+            }
+        }
+    }
+}
+
+async fn publish(store: &Arc<dyn Store>, conn: &ConnectionManager, channel: &str, events: Vec<OrderEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for e in &events {
+        pipe.publish(channel, serde_json::to_string(e).expect("events serialise")).ignore();
+    }
+    match pipe.query_async::<()>(&mut conn.clone()).await {
+        Ok(()) => {
+            let ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+            if let Err(e) = store.outbox_delete(&ids).await {
+                // published but not forgotten: it will be published again,
+                // and receivers drop the duplicate
+                warn!(error = %e, "could not delete relayed outbox rows");
+            }
+        }
+        Err(e) => {
+            telemetry::relay_failed();
+            warn!(error = %e, count = events.len(), "could not publish events; they stay in the outbox and are retried");
+        }
+    }
+}
+
+struct FanoutHandler {
+    bus: EventBus,
+}
+
+#[async_trait]
+impl pubsub::Handler for FanoutHandler {
+    async fn connected(&mut self, reconnected: bool) {
+        self.bus.inner.fanout_up.store(true, Ordering::Relaxed);
+        if reconnected {
+            let _ = self.bus.inner.tx.send(Fanout::Resync);
+        }
+    }
+
+    async fn message(&mut self, _channel: &str, payload: &[u8]) {
+        match serde_json::from_slice::<OrderEvent>(payload) {
+            Ok(event) => self.bus.deliver(Arc::new(event)),
+            Err(e) => warn!(error = %e, "ignoring a malformed order event"),
+        }
+    }
+
+    fn disconnected(&mut self) {
+        self.bus.inner.fanout_up.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The one Redis subscription of this process to `<prefix>events`.
+pub async fn run_fanout(bus: EventBus, client: redis::Client, channel: String, shutdown: CancellationToken) {
+    let mut handler = FanoutHandler { bus };
+    pubsub::run(client, channel, "event fan-out", &mut handler, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_id_is_delivered_once() {
+        let mut seen = Seen::default();
+        assert!(seen.first_time(1));
+        assert!(!seen.first_time(1));
+        assert!(seen.first_time(2));
+    }
+}

@@ -1,0 +1,82 @@
+//! Makes Redis expire each order's key at its deadline.
+//!
+//! Redis deletes an expired key (and only then sends `expired`) when it is
+//! touched or when its active expiry samples it; with a million keys holding
+//! TTLs that sampling is minutes late. So every instance polls the deadline
+//! index, claims the due members atomically (one script: `TIME`,
+//! `ZRANGEBYSCORE`, `ZREM`, so each member is claimed by one instance) and
+//! touches their keys with `EXISTS`: Redis deletes them on the spot and the
+//! keyspace event, still the trigger, arrives on time.
+
+use std::time::Duration;
+
+use redis::{aio::ConnectionManager, Script};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::Keys;
+use crate::domain::OrderId;
+
+/// The most members claimed per script call; Lua's `unpack` limit is ~8000.
+pub const CLAIM_BATCH: usize = 2000;
+
+const CLAIM_DUE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"#;
+
+pub struct Nudger {
+    pub conn: ConnectionManager,
+    pub keys: Keys,
+    pub script: Script,
+}
+
+impl Nudger {
+    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+        Nudger { conn, keys, script: Script::new(CLAIM_DUE) }
+    }
+
+    /// Claims due deadlines and touches their keys. Returns how many.
+    pub async fn nudge_once(&self) -> redis::RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let due: Vec<i64> = self
+            .script
+            .key(self.keys.deadlines())
+            .arg(CLAIM_BATCH)
+            .invoke_async(&mut conn)
+            .await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for id in &due {
+            pipe.exists(self.keys.order(OrderId(*id))).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(due.len())
+    }
+
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.nudge_once().await {
+                // a full batch: more are due, go on at once
+                Ok(n) if n == CLAIM_BATCH => continue,
+                Ok(_) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "deadline nudger cannot reach Redis; the sweep covers meanwhile");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(if failing { every * 10 } else { every }) => {}
+            }
+        }
+    }
+}

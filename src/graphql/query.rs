@@ -1,0 +1,82 @@
+//! `Query`: products are public; orders are the caller's own (admin: all).
+
+use async_graphql::{Context, Object, ID};
+
+use super::{
+    identity, services,
+    types::{page, CustomerNode, OrderConnection, OrderEdge, OrderNode, ProductConnection, ProductEdge, ProductNode},
+};
+use crate::{
+    auth::Identity,
+    domain::{cursor, page_size, OrderId, OrderStatus, ProductId},
+    error::ShopError,
+};
+
+pub struct Query;
+
+/// Complexity of a connection: its page size times what each node asks.
+fn connection_cost(first: Option<i32>, child: usize) -> usize {
+    (first.unwrap_or(20).clamp(1, 100) as usize).saturating_mul(child.max(1))
+}
+
+#[Object]
+impl Query {
+    /// Products, oldest first. `first` defaults to 20 and is capped at 100.
+    #[graphql(complexity = "connection_cost(first, child_complexity)")]
+    async fn products(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> async_graphql::Result<ProductConnection> {
+        let limit = page_size(first)?;
+        let after = after.as_deref().map(cursor::decode).transpose()?;
+        let rows = services(ctx).store.list_products(after, limit + 1).await?;
+        let (edges, page_info) = page(rows, limit, after.is_some(), |p| p.id.0, |p, cursor| ProductEdge {
+            node: ProductNode(p),
+            cursor,
+        });
+        Ok(ProductConnection { edges, page_info })
+    }
+
+    async fn product(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<ProductNode>> {
+        let id = ProductId::parse(&id)?;
+        let rows = services(ctx).store.products_by_ids(&[id]).await?;
+        Ok(rows.into_iter().next().map(ProductNode))
+    }
+
+    /// The signed-in customer; null for anonymous callers and the admin.
+    async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<CustomerNode>> {
+        let Identity::Customer(id) = identity(ctx) else { return Ok(None) };
+        let rows = services(ctx).store.customers_by_ids(&[id]).await?;
+        Ok(rows.into_iter().next().map(CustomerNode))
+    }
+
+    /// One of your orders (admin: any); null when it does not exist or is not yours.
+    async fn order(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<OrderNode>> {
+        let id = OrderId::parse(&id)?;
+        let owner = identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))?;
+        let order = services(ctx).store.order(id).await?;
+        Ok(order.filter(|o| owner.is_none_or(|c| c == o.customer_id)).map(OrderNode))
+    }
+
+    /// Your orders (admin: all), newest first, optionally of one status.
+    #[graphql(complexity = "connection_cost(first, child_complexity)")]
+    async fn orders(
+        &self,
+        ctx: &Context<'_>,
+        status: Option<OrderStatus>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> async_graphql::Result<OrderConnection> {
+        let owner = identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))?;
+        let limit = page_size(first)?;
+        let before = after.as_deref().map(cursor::decode).transpose()?;
+        let rows = services(ctx).store.list_orders(owner, status, before, limit + 1).await?;
+        let (edges, page_info) = page(rows, limit, before.is_some(), |o| o.id.0, |o, cursor| OrderEdge {
+            node: OrderNode(o),
+            cursor,
+        });
+        Ok(OrderConnection { edges, page_info })
+    }
+}

@@ -1,0 +1,155 @@
+//! `Subscription`: filtered views of the process's event broadcast.
+//!
+//! A subscriber that falls behind the broadcast buffer is never left to miss
+//! events silently: `orderCancelled` ends with an error saying so, and
+//! `orderUpdated` reads a fresh snapshot from the database.
+
+use std::sync::Arc;
+
+use async_graphql::{Context, Subscription as GqlSubscription, ID};
+use futures_util::{stream, Stream};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{
+    errors::coded,
+    identity, services,
+    types::{OrderCancelledEvent, OrderNode},
+};
+use crate::{
+    domain::{Order, OrderId, OrderStatus},
+    error::ShopError,
+    events::Fanout,
+};
+
+pub struct Subscription;
+
+#[GqlSubscription]
+impl Subscription {
+    /// Cancellations of your orders (admin: all); `orderId` narrows to one.
+    async fn order_cancelled(
+        &self,
+        ctx: &Context<'_>,
+        order_id: Option<ID>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderCancelledEvent>>> {
+        let owner = identity(ctx)
+            .owner_filter()
+            .ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let s = services(ctx).clone();
+        let only = match order_id {
+            Some(raw) => {
+                let id = OrderId::parse(&raw)?;
+                let visible = s.store.order(id).await?.filter(|o| owner.is_none_or(|c| c == o.customer_id));
+                if visible.is_none() {
+                    return Err(ShopError::NotFound(format!("order {id}")).into());
+                }
+                Some(id)
+            }
+            None => None,
+        };
+        let rx = s.events.subscribe();
+        crate::telemetry::ws_subscriptions(1.0);
+        let guard = Arc::new(SubscriptionGauge);
+        Ok(stream::unfold(Some(rx), move |rx| {
+            let _guard = guard.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    match rx.recv().await {
+                        Ok(Fanout::Event(e)) => {
+                            let o = &e.order;
+                            let wanted = o.status == OrderStatus::Cancelled
+                                && owner.is_none_or(|c| c == o.customer_id)
+                                && only.is_none_or(|id| id == o.id);
+                            if wanted {
+                                return Some((Ok(OrderCancelledEvent(e)), Some(rx)));
+                            }
+                        }
+                        Ok(Fanout::Resync) => {}
+                        Err(RecvError::Lagged(n)) => {
+                            let err = coded(
+                                format!("this subscription fell {n} events behind and was stopped; subscribe again and re-read your orders"),
+                                super::errors::INTERNAL,
+                            );
+                            return Some((Err(err), None));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        }))
+    }
+
+    /// The order as it is now, then each change of its status; completes
+    /// after a final status (`PAID`, `CANCELLED`).
+    async fn order_updated(
+        &self,
+        ctx: &Context<'_>,
+        order_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderNode>>> {
+        let owner = identity(ctx)
+            .owner_filter()
+            .ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let id = OrderId::parse(&order_id)?;
+        let s = services(ctx).clone();
+        // subscribe first, then read: nothing can fall between the two
+        let rx = s.events.subscribe();
+        let snapshot = s
+            .store
+            .order(id)
+            .await?
+            .filter(|o| owner.is_none_or(|c| c == o.customer_id))
+            .ok_or_else(|| ShopError::NotFound(format!("order {id}")))?;
+        crate::telemetry::ws_subscriptions(1.0);
+        let guard = Arc::new(SubscriptionGauge);
+        struct State {
+            rx: tokio::sync::broadcast::Receiver<Fanout>,
+            first: Option<Order>,
+            last: OrderStatus,
+            done: bool,
+        }
+        let state = State { rx, last: snapshot.status, first: Some(snapshot), done: false };
+        Ok(stream::unfold(state, move |mut st| {
+            let s = s.clone();
+            let _guard = guard.clone();
+            async move {
+                if st.done {
+                    return None;
+                }
+                if let Some(order) = st.first.take() {
+                    st.done = order.status.is_final();
+                    return Some((Ok(OrderNode(order)), st));
+                }
+                loop {
+                    let fresh = match st.rx.recv().await {
+                        Ok(Fanout::Event(e)) if e.order.id == id => Some(e.order.clone()),
+                        Ok(Fanout::Event(_)) => None,
+                        Ok(Fanout::Resync) | Err(RecvError::Lagged(_)) => {
+                            // events may be gone: the database says where the order is
+                            match s.store.order(id).await {
+                                Ok(Some(o)) => Some(o),
+                                Ok(None) => return None,
+                                Err(e) => return Some((Err(ShopError::Store(e).into()), State { done: true, ..st })),
+                            }
+                        }
+                        Err(RecvError::Closed) => return None,
+                    };
+                    // only changes after the snapshot: a status can only move forward
+                    if let Some(order) = fresh.filter(|o| o.status != st.last) {
+                        st.last = order.status;
+                        st.done = order.status.is_final();
+                        return Some((Ok(OrderNode(order)), st));
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// Counts live subscriptions while a stream exists.
+struct SubscriptionGauge;
+
+impl Drop for SubscriptionGauge {
+    fn drop(&mut self) {
+        crate::telemetry::ws_subscriptions(-1.0);
+    }
+}

@@ -1,0 +1,248 @@
+//! The axum router: `/graphql` (HTTP and websocket), `/graphiql`,
+//! `/healthz`, `/readyz`, `/metrics`, `/demo/`.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
+use axum::{
+    body::Bytes,
+    extract::{ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Redirect, Response},
+    routing::get,
+    Json, Router,
+};
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeDir;
+
+use crate::{
+    auth::Auth,
+    events::EventBus,
+    expiry::listener::ListenerState,
+    graphql::{errors, ClientAddr, ShopSchema},
+    store::Store,
+    telemetry,
+    ws::{self, Protocol, WsSettings},
+};
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub schema: ShopSchema,
+    pub auth: Arc<Auth>,
+    pub store: Arc<dyn Store>,
+    pub redis: ConnectionManager,
+    pub listener: Arc<ListenerState>,
+    pub events: EventBus,
+    pub ws: Arc<WsSettings>,
+    /// One permit per open websocket: the per-process connection cap.
+    pub ws_permits: Arc<Semaphore>,
+    /// Cancelled at shutdown: websockets close with 1001.
+    pub shutdown: CancellationToken,
+}
+
+/// Requests per batch; a larger batch is refused with 400.
+pub const MAX_BATCH: usize = 10;
+/// Bytes of a request body.
+pub const MAX_BODY: usize = 256 * 1024;
+/// Bytes of one websocket message.
+pub const MAX_WS_MESSAGE: usize = 64 * 1024;
+
+pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
+    let demo = ServeDir::new(demo_dir).append_index_html_on_directories(true);
+    Router::new()
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/", get(|| async { Redirect::temporary("/graphiql") }))
+        .route("/graphiql", get(graphiql_page))
+        .route("/graphiql/graphiql.js", get(graphiql_js))
+        .route("/graphiql/graphiql.css", get(graphiql_css))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
+        .nest_service("/demo/", demo)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+fn error_body(status: StatusCode, message: &str, code: &str) -> Response {
+    (status, Json(json!({"errors": [{"message": message, "extensions": {"code": code}}]}))).into_response()
+}
+
+/// Whether the client asked for `application/graphql-response+json`.
+fn wants_graphql_response(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/graphql-response+json"))
+}
+
+async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch: BatchRequest) -> Response {
+    let modern = wants_graphql_response(headers);
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let identity = match state.auth.authenticate(bearer) {
+        Ok(i) => i,
+        Err(e) => {
+            let status = if modern { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
+            return error_body(status, &e.to_string(), errors::UNAUTHENTICATED);
+        }
+    };
+    let operation = operation_label(&batch);
+    let started = Instant::now();
+    let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
+    telemetry::graphql_request(&operation, started.elapsed());
+    let request_error = match &response {
+        BatchResponse::Single(r) => r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err(),
+        BatchResponse::Batch(_) => false,
+    };
+    let status = if modern && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
+    let mut res = (status, Json(response)).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+/// A bounded label for the latency histogram: the operation name if it is
+/// a plain identifier, else "anonymous".
+fn operation_label(batch: &BatchRequest) -> String {
+    let name = match batch {
+        BatchRequest::Single(r) => r.operation_name.as_deref(),
+        BatchRequest::Batch(_) => Some("batch"),
+    };
+    match name {
+        Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => n.to_string(),
+        _ => "anonymous".to_string(),
+    }
+}
+
+async fn graphql_post(
+    State(state): State<HttpState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let batch: BatchRequest = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error_body(StatusCode::BAD_REQUEST, &format!("malformed GraphQL request body: {e}"), errors::BAD_USER_INPUT)
+        }
+    };
+    if let BatchRequest::Batch(v) = &batch {
+        if v.len() > MAX_BATCH || v.is_empty() {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                &format!("a batch must hold 1 to {MAX_BATCH} operations"),
+                errors::QUERY_TOO_COMPLEX,
+            );
+        }
+    }
+    execute(&state, &headers, addr, batch).await
+}
+
+/// `GET /graphql`: a websocket upgrade, or a query in the query string.
+async fn graphql_get(State(state): State<HttpState>, ConnectInfo(addr): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let is_upgrade = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_upgrade {
+        let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+            Ok(u) => u,
+            Err(rejection) => return rejection.into_response(),
+        };
+        return websocket(state, addr, upgrade);
+    }
+    let query = parts.uri.query().unwrap_or_default();
+    let request = match parse_query_string(query) {
+        Ok(r) => r,
+        Err(e) => return error_body(StatusCode::BAD_REQUEST, &format!("malformed GraphQL query string: {e}"), errors::BAD_USER_INPUT),
+    };
+    if is_mutation(&request) {
+        let mut res = error_body(StatusCode::METHOD_NOT_ALLOWED, "mutations must be sent with POST", errors::BAD_USER_INPUT);
+        res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return res;
+    }
+    execute(&state, &parts.headers, addr, BatchRequest::Single(request)).await
+}
+
+fn is_mutation(request: &async_graphql::Request) -> bool {
+    use async_graphql::parser::types::OperationType;
+    let Ok(doc) = async_graphql::parser::parse_query(&request.query) else { return false };
+    doc.operations.iter().any(|(name, op)| {
+        op.node.ty == OperationType::Mutation
+            && match (&request.operation_name, name) {
+                (Some(wanted), Some(name)) => wanted == name.as_str(),
+                _ => true,
+            }
+    })
+}
+
+fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
+    let upgrade = upgrade.protocols(Protocol::NAMES).max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE);
+    let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
+    let permit = state.ws_permits.clone().try_acquire_owned();
+    upgrade.on_upgrade(move |mut socket| async move {
+        let Ok(_permit) = permit else {
+            use axum::extract::ws::{CloseFrame, Message};
+            let frame = CloseFrame { code: 1013, reason: "connection limit reached; try again later".into() };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            return;
+        };
+        ws::serve(socket, protocol, state.schema, state.auth, ClientAddr(addr.ip()), state.ws, state.shutdown).await;
+    })
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let timeout = std::time::Duration::from_secs(2);
+    let db = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
+    let mut conn = state.redis.clone();
+    let redis = matches!(
+        tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await,
+        Ok(Ok(_))
+    );
+    let listener = state.listener.is_up();
+    let up = |b: bool| if b { "up" } else { "down" };
+    let body = json!({
+        "database": up(db),
+        "redis": up(redis),
+        "listener": up(listener),
+        "events": up(state.events.fanout_up()),
+    });
+    let status = if db && redis && listener { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let (in_use, idle) = state.store.pool_state();
+    telemetry::db_pool(in_use, idle);
+    let body = telemetry::metrics_handle().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+const GRAPHIQL_HTML: &[u8] = include_bytes!("../assets/graphiql/index.html");
+const GRAPHIQL_JS: &[u8] = include_bytes!("../assets/graphiql/graphiql.js");
+const GRAPHIQL_CSS: &[u8] = include_bytes!("../assets/graphiql/graphiql.css");
+
+async fn graphiql_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], GRAPHIQL_HTML)
+}
+
+async fn graphiql_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
+        GRAPHIQL_JS,
+    )
+}
+
+async fn graphiql_css() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
+        GRAPHIQL_CSS,
+    )
+}
+

@@ -1,0 +1,42 @@
+//! # shopgraph
+//!
+//! A GraphQL commerce API whose unpaid orders cancel themselves: Redis key
+//! expiry is the trigger, the database row is the truth.
+//!
+//! # Layout
+//!
+//! * [`config`]: settings from the environment and flags, validated once.
+//! * [`app`]: builds the whole service from a config; tests use the same builder.
+//! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
+//! * [`auth`]: the admin token, customer JWTs, password hashing.
+//! * [`graphql`]: schema types and resolvers; the one place errors get codes.
+//! * [`orders`]: the rules of the contract (place, pay, cancel).
+//! * [`domain`]: parsed value types (ids, quantities, money, emails).
+//! * [`error`]: the domain's error vocabulary.
+//! * [`store`]: the storage trait and its Postgres and SQLite backends; all SQL.
+//! * [`expiry`]: expiry hashes, the deadline nudger, the keyspace listener, the sweeper.
+//! * [`events`]: order events: outbox relay to Redis, fan-out to subscribers.
+//! * [`pubsub`]: a Redis subscription that reconnects and re-subscribes.
+//! * [`ratelimit`]: per-address limits on logins and registrations.
+//! * [`redis_server`]: a private `redis-server` child when none is reachable.
+//! * [`telemetry`]: tracing and Prometheus metrics.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod expiry;
+pub mod graphql;
+pub mod http;
+pub mod orders;
+pub mod pubsub;
+pub mod ratelimit;
+pub mod redis_server;
+pub mod store;
+pub mod telemetry;
+pub mod ws;
+
+pub use app::App;
+pub use config::Config;

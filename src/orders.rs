@@ -1,0 +1,143 @@
+//! The rules of the contract for orders: place, pay, cancel, expire.
+//!
+//! Every path that ends an order goes through one of the store's conditional
+//! transactions; this module adds what surrounds them: the expiry hash in
+//! Redis, the events, the metrics, the log line with the order id.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use tracing::{info, warn, Instrument};
+
+use crate::{
+    auth::Identity,
+    domain::{CancelReason, CancelSource, Order, OrderEvent, OrderId, OrderRequest, OrderStatus},
+    error::{ShopError, ShopResult},
+    events::EventBus,
+    expiry::Scheduler,
+    store::{CancelOutcome, PayOutcome, Store},
+    telemetry,
+};
+
+pub struct Orders {
+    pub store: Arc<dyn Store>,
+    pub scheduler: Scheduler,
+    pub events: EventBus,
+    pub ttl: Duration,
+}
+
+impl Orders {
+    /// Places an order for a customer: stock taken in one transaction, then
+    /// the expiry hash written (a Redis failure is logged and counted; the
+    /// sweep still cancels the order on time).
+    pub async fn place(&self, identity: Identity, request: OrderRequest) -> ShopResult<Order> {
+        let customer = match identity {
+            Identity::Customer(c) => c,
+            Identity::Admin => return Err(ShopError::Forbidden("orders are placed by customers, not the admin")),
+            Identity::Anonymous => return Err(ShopError::Unauthenticated("sign in to place an order")),
+        };
+        let now = Utc::now();
+        let expires_at = now + chrono::Duration::from_std(self.ttl).expect("ttl fits");
+        let started = std::time::Instant::now();
+        let placed = self.store.place_order(customer, &request, now, expires_at).await?;
+        if placed.created {
+            let order = &placed.order;
+            let span = tracing::info_span!("place order", order_id = %order.id, customer_id = %customer);
+            async {
+                self.scheduler.schedule(order).await;
+                info!(total_cents = order.total_cents, currency = %order.currency, expires_at = %order.expires_at, "order placed");
+            }
+            .instrument(span)
+            .await;
+            telemetry::order_created(started.elapsed());
+        }
+        Ok(placed.order)
+    }
+
+    pub async fn pay(&self, identity: Identity, id: OrderId) -> ShopResult<Order> {
+        let owner = owner_of(identity)?;
+        match self.store.pay_order(id, owner, Utc::now()).await? {
+            PayOutcome::Paid(event) => {
+                info!(order_id = %id, "order paid");
+                telemetry::order_paid();
+                let order = event.order.clone();
+                self.finished(vec![event]).await;
+                Ok(order)
+            }
+            PayOutcome::NotPending(order) if order.status == OrderStatus::PendingPayment => Err(ShopError::Expired(id)),
+            PayOutcome::NotPending(order) => Err(ShopError::NotPending { id, status: order.status }),
+            PayOutcome::NotFound => Err(ShopError::NotFound(format!("order {id}"))),
+        }
+    }
+
+    pub async fn cancel(&self, identity: Identity, id: OrderId) -> ShopResult<Order> {
+        let owner = owner_of(identity)?;
+        let (reason, source) = match identity {
+            Identity::Admin => (CancelReason::Admin, CancelSource::Admin),
+            _ => (CancelReason::Customer, CancelSource::Customer),
+        };
+        match self.store.cancel_order(id, owner, reason, Utc::now()).await? {
+            CancelOutcome::Cancelled(event) => {
+                let order = event.order.clone();
+                self.cancelled(vec![event], source).await;
+                Ok(order)
+            }
+            CancelOutcome::AlreadyCancelled(order) => Ok(order),
+            CancelOutcome::NotPending(order) => Err(ShopError::NotPending { id, status: order.status }),
+            CancelOutcome::NotFound => Err(ShopError::NotFound(format!("order {id}"))),
+        }
+    }
+
+    /// Cancels orders whose expiry hash Redis expired. Returns those whose
+    /// database deadline is still ahead (clock skew), to check again then.
+    pub async fn expire(&self, ids: &[OrderId]) -> ShopResult<Vec<(OrderId, DateTime<Utc>)>> {
+        let batch = self.store.cancel_expired(ids, Utc::now()).await?;
+        self.cancelled(batch.events, CancelSource::Listener).await;
+        Ok(batch.not_yet_due)
+    }
+
+    /// One sweep: cancels every overdue pending order, `batch` at a time.
+    /// Returns how many this instance cancelled.
+    pub async fn sweep_once(&self, now: DateTime<Utc>, batch: usize) -> ShopResult<usize> {
+        let mut total = 0;
+        loop {
+            let events = self.store.cancel_overdue(now, batch).await?;
+            let n = events.len();
+            total += n;
+            self.cancelled(events, CancelSource::Sweep).await;
+            if n < batch {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn cancelled(&self, events: Vec<OrderEvent>, source: CancelSource) {
+        if events.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        for e in &events {
+            let o = &e.order;
+            let reason = o.cancel_reason.unwrap_or(CancelReason::Expired);
+            info!(order_id = %o.id, reason = reason.as_db(), source = source.as_str(), "order cancelled");
+            let lag = (reason == CancelReason::Expired).then(|| (now - o.expires_at).to_std().unwrap_or_default());
+            telemetry::order_cancelled(reason, source, lag);
+        }
+        self.finished(events).await;
+    }
+
+    /// After a final status: publish the events, drop the Redis expiry state.
+    async fn finished(&self, events: Vec<OrderEvent>) {
+        let ids: Vec<OrderId> = events.iter().map(|e| e.order.id).collect();
+        self.events.publish(events);
+        if let Err(e) = self.scheduler.forget(&ids).await {
+            warn!(error = %e, "could not remove expiry hashes (they expire by themselves)");
+        }
+    }
+}
+
+fn owner_of(identity: Identity) -> ShopResult<Option<crate::domain::CustomerId>> {
+    identity
+        .owner_filter()
+        .ok_or(ShopError::Unauthenticated("sign in to see your orders"))
+}

@@ -1,0 +1,188 @@
+//! Storage: one trait in domain words, a Postgres and a SQLite backend.
+//!
+//! This module tree is the only place with SQL. Every state change of an
+//! order is one conditional transaction here: `pay_order`, `cancel_order`,
+//! `cancel_expired` and `cancel_overdue` all update `WHERE status =
+//! 'PENDING_PAYMENT'`, so whoever changes the row first wins, and only the
+//! winner returns stock and records the event in the outbox.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderRequest, OrderStatus,
+    Product, ProductId,
+};
+
+pub mod postgres;
+pub mod sqlite;
+
+/// What can go wrong below the domain.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint (email, sku) was violated.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    /// The database could not be reached in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+/// Why an order could not be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error("product {0} does not exist")]
+    UnknownProduct(ProductId),
+    #[error("not enough stock for product {0}")]
+    InsufficientStock(ProductId),
+    #[error("all lines of an order must be in one currency")]
+    MixedCurrencies,
+    #[error("the order total exceeds 2147483647 cents")]
+    TotalTooLarge,
+    #[error("this idempotencyKey was already used for a different order")]
+    IdempotencyConflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for PlaceError {
+    fn from(e: sqlx::Error) -> Self {
+        PlaceError::Store(e.into())
+    }
+}
+
+/// A placed order, and whether this call created it (false: the idempotency
+/// key returned an earlier order).
+#[derive(Debug)]
+pub struct Placed {
+    pub order: Order,
+    pub created: bool,
+}
+
+#[derive(Debug)]
+pub enum PayOutcome {
+    Paid(OrderEvent),
+    NotPending(Order),
+    NotFound,
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(OrderEvent),
+    AlreadyCancelled(Order),
+    NotPending(Order),
+    NotFound,
+}
+
+/// The result of cancelling expired orders named by expiry events.
+#[derive(Debug, Default)]
+pub struct ExpiredBatch {
+    pub events: Vec<OrderEvent>,
+    /// Still pending, but their database deadline is later than `now`
+    /// (clocks differ): check again at the deadline.
+    pub not_yet_due: Vec<(OrderId, DateTime<Utc>)>,
+}
+
+/// Whose orders a query may see: one customer's, or all (admin).
+pub type Owner = Option<CustomerId>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Connections in use and idle, for metrics.
+    fn pool_state(&self) -> (u32, u32);
+
+    async fn create_customer(&self, email: &Email, password_hash: &str) -> Result<Customer, StoreError>;
+    /// The customer and its password hash.
+    async fn customer_credentials(&self, email: &Email) -> Result<Option<(Customer, String)>, StoreError>;
+    async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError>;
+
+    async fn create_product(&self, product: &NewProduct) -> Result<Product, StoreError>;
+    async fn restock_product(&self, id: ProductId, quantity: i32) -> Result<Option<Product>, StoreError>;
+    async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError>;
+    /// Oldest first, after the given id; at most `limit` rows.
+    async fn list_products(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError>;
+
+    /// Takes every line's stock and inserts the order in one transaction.
+    async fn place_order(
+        &self,
+        customer: CustomerId,
+        request: &OrderRequest,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Placed, PlaceError>;
+    async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
+    /// Newest first, before the given id; at most `limit` rows.
+    async fn list_orders(
+        &self,
+        owner: Owner,
+        status: Option<OrderStatus>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Order>, StoreError>;
+
+    /// Pays a pending order whose deadline is after `now`.
+    async fn pay_order(&self, id: OrderId, owner: Owner, now: DateTime<Utc>) -> Result<PayOutcome, StoreError>;
+    /// Cancels a pending order with `reason` (`EXPIRED` when its deadline passed).
+    async fn cancel_order(
+        &self,
+        id: OrderId,
+        owner: Owner,
+        reason: CancelReason,
+        now: DateTime<Utc>,
+    ) -> Result<CancelOutcome, StoreError>;
+    /// Cancels (`EXPIRED`) those of `ids` that are pending with a deadline at
+    /// or before `now`; orders another transaction holds are skipped.
+    async fn cancel_expired(&self, ids: &[OrderId], now: DateTime<Utc>) -> Result<ExpiredBatch, StoreError>;
+    /// Cancels (`EXPIRED`) up to `limit` pending orders past their deadline;
+    /// concurrent sweepers split the work.
+    async fn cancel_overdue(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError>;
+    /// Outbox events recorded before `before` and not yet published, claimed
+    /// for `lease` so that other relays leave them alone meanwhile.
+    async fn outbox_claim(
+        &self,
+        before: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OrderEvent>, StoreError>;
+    /// Forgets events that were published.
+    async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError>;
+    async fn outbox_len(&self) -> Result<i64, StoreError>;
+}
+
+/// Opens the backend named by the URL scheme, creating and migrating it.
+pub async fn connect(url: &str, max_connections: u32, timeout: std::time::Duration) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url, max_connections, timeout).await?))
+    } else {
+        Ok(Arc::new(postgres::PgStore::connect(url, max_connections, timeout).await?))
+    }
+}
+
+/// The canonical text of an order's lines, to compare idempotent retries.
+pub(crate) fn fingerprint(request: &OrderRequest) -> String {
+    request
+        .lines
+        .iter()
+        .map(|(p, q)| format!("{}x{}", p.0, q.0))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,604 @@
+//! The PostgreSQL backend: several instances share it. Expiry batches lock
+//! with `FOR UPDATE SKIP LOCKED`, so instances split the work instead of
+//! queueing behind each other, and rows are always locked in id order.
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    PgPool, Postgres, Row, Transaction,
+};
+
+use super::{
+    fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError,
+};
+use crate::domain::{
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
+    OrderStatus, Product, ProductId,
+};
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const ORDER_COLUMNS: &str = "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(timeout)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn product_from(row: &PgRow) -> Result<Product, sqlx::Error> {
+    Ok(Product {
+        id: ProductId(row.try_get("id")?),
+        sku: row.try_get("sku")?,
+        name: row.try_get("name")?,
+        price_cents: row.try_get("price_cents")?,
+        currency: row.try_get("currency")?,
+        stock: row.try_get("stock")?,
+    })
+}
+
+fn order_from(row: &PgRow) -> Result<Order, sqlx::Error> {
+    let reason: Option<String> = row.try_get("cancel_reason")?;
+    Ok(Order {
+        id: OrderId(row.try_get("id")?),
+        customer_id: CustomerId(row.try_get("customer_id")?),
+        status: OrderStatus::from_db(row.try_get("status")?),
+        lines: Vec::new(),
+        total_cents: row.try_get("total_cents")?,
+        currency: row.try_get("currency")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        paid_at: row.try_get("paid_at")?,
+        cancelled_at: row.try_get("cancelled_at")?,
+        cancel_reason: reason.as_deref().and_then(CancelReason::from_db),
+    })
+}
+
+/// Attaches the lines to orders read without them.
+async fn with_lines<'e, E>(exec: E, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    if orders.is_empty() {
+        return Ok(orders);
+    }
+    let ids: Vec<i64> = orders.iter().map(|o| o.id.0).collect();
+    let rows = sqlx::query(
+        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines WHERE order_id = ANY($1) ORDER BY order_id, product_id",
+    )
+    .bind(&ids)
+    .fetch_all(exec)
+    .await?;
+    let mut by_order: HashMap<i64, Vec<OrderLine>> = HashMap::new();
+    for row in rows {
+        by_order.entry(row.try_get("order_id")?).or_default().push(OrderLine {
+            product_id: ProductId(row.try_get("product_id")?),
+            quantity: row.try_get("quantity")?,
+            unit_price_cents: row.try_get("unit_price_cents")?,
+        });
+    }
+    for o in &mut orders {
+        o.lines = by_order.remove(&o.id.0).unwrap_or_default();
+    }
+    Ok(orders)
+}
+
+/// The part of every cancellation after the winning `UPDATE … RETURNING`:
+/// return the stock of the cancelled orders and record their events.
+async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> Result<Vec<OrderEvent>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
+    let orders = with_lines(&mut **tx, orders).await?;
+    // Sum per product and update in product-id order, the order in which
+    // `place_order` locks, so that the two never deadlock.
+    let mut returned: std::collections::BTreeMap<i64, i32> = Default::default();
+    for o in &orders {
+        for l in &o.lines {
+            *returned.entry(l.product_id.0).or_default() += l.quantity;
+        }
+    }
+    let (pids, qtys): (Vec<i64>, Vec<i32>) = returned.into_iter().unzip();
+    sqlx::query(
+        "UPDATE products p SET stock = p.stock + r.qty
+         FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty) ORDER BY pid) r
+         WHERE p.id = r.pid",
+    )
+    .bind(&pids)
+    .bind(&qtys)
+    .execute(&mut **tx)
+    .await?;
+    record_events(tx, orders).await
+}
+
+async fn record_events(tx: &mut Transaction<'_, Postgres>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
+    let order_ids: Vec<i64> = orders.iter().map(|o| o.id.0).collect();
+    let payloads: Vec<String> = orders
+        .iter()
+        .map(|o| serde_json::to_string(o).expect("orders serialise"))
+        .collect();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO outbox (order_id, payload) SELECT * FROM unnest($1::bigint[], $2::text[]) RETURNING id",
+    )
+    .bind(&order_ids)
+    .bind(&payloads)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids
+        .into_iter()
+        .zip(orders)
+        .map(|(event_id, order)| OrderEvent { event_id, order })
+        .collect())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+fn is_retryable(e: &sqlx::Error) -> bool {
+    // deadlock_detected, serialization_failure
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01") | Some("40001")))
+}
+
+impl PgStore {
+    async fn existing_for_key(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        request: &OrderRequest,
+    ) -> Result<Option<Placed>, PlaceError> {
+        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = $1 AND idempotency_key = $2")
+            .bind(customer.0)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let fp: String = row.try_get("fingerprint")?;
+        if fp != fingerprint(request) {
+            return Err(PlaceError::IdempotencyConflict);
+        }
+        let order = self.order(OrderId(row.try_get("id")?)).await?;
+        Ok(order.map(|order| Placed { order, created: false }))
+    }
+
+    async fn try_place(
+        &self,
+        customer: CustomerId,
+        request: &OrderRequest,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Order, PlaceError> {
+        let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
+        let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
+        let mut tx = self.pool.begin().await?;
+        // One statement takes every line's stock, each only if enough is
+        // free; lines come sorted by product id.
+        let taken = sqlx::query(
+            "UPDATE products p SET stock = p.stock - r.qty
+             FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty) ORDER BY pid) r
+             WHERE p.id = r.pid AND p.stock >= r.qty
+             RETURNING p.id, p.price_cents, p.currency",
+        )
+        .bind(&pids)
+        .bind(&qtys)
+        .fetch_all(&mut *tx)
+        .await?;
+        if taken.len() < pids.len() {
+            tx.rollback().await?;
+            return Err(self.why_not_taken(request).await);
+        }
+        let mut prices: HashMap<i64, (i32, String)> = HashMap::with_capacity(taken.len());
+        for row in &taken {
+            prices.insert(row.try_get("id")?, (row.try_get("price_cents")?, row.try_get("currency")?));
+        }
+        let currency = prices[&pids[0]].1.clone();
+        if prices.values().any(|(_, c)| *c != currency) {
+            return Err(PlaceError::MixedCurrencies);
+        }
+        let unit_prices: Vec<i32> = pids.iter().map(|p| prices[p].0).collect();
+        let total: i64 = unit_prices.iter().zip(&qtys).map(|(p, q)| *p as i64 * *q as i64).sum();
+        if total > crate::domain::MAX_TOTAL_CENTS {
+            return Err(PlaceError::TotalTooLarge);
+        }
+        let id: i64 = sqlx::query_scalar(
+            "WITH o AS (
+                INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
+                VALUES ($1, 'PENDING_PAYMENT', $2, $3, $4, $5, $6, $7) RETURNING id
+             ), l AS (
+                INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
+                SELECT o.id, r.pid, r.qty, r.price FROM o, unnest($8::bigint[], $9::int[], $10::int[]) AS r(pid, qty, price)
+             )
+             SELECT id FROM o",
+        )
+        .bind(customer.0)
+        .bind(total)
+        .bind(&currency)
+        .bind(now)
+        .bind(expires_at)
+        .bind(request.idempotency_key.as_deref())
+        .bind(fingerprint(request))
+        .bind(&pids)
+        .bind(&qtys)
+        .bind(&unit_prices)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Order {
+            id: OrderId(id),
+            customer_id: customer,
+            status: OrderStatus::PendingPayment,
+            lines: pids
+                .iter()
+                .zip(&qtys)
+                .zip(&unit_prices)
+                .map(|((p, q), u)| OrderLine { product_id: ProductId(*p), quantity: *q, unit_price_cents: *u })
+                .collect(),
+            total_cents: total,
+            currency,
+            // what the database stores (microsecond precision)
+            created_at: truncate_micros(now),
+            expires_at: truncate_micros(expires_at),
+            paid_at: None,
+            cancelled_at: None,
+            cancel_reason: None,
+        })
+    }
+
+    /// After a failed take: the first line whose product is missing or short.
+    async fn why_not_taken(&self, request: &OrderRequest) -> PlaceError {
+        let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
+        let rows = match sqlx::query("SELECT id, stock FROM products WHERE id = ANY($1)")
+            .bind(&pids)
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return e.into(),
+        };
+        let stock: HashMap<i64, i32> = rows.iter().map(|r| (r.get("id"), r.get("stock"))).collect();
+        if let Some((p, _)) = request.lines.iter().find(|(p, _)| !stock.contains_key(&p.0)) {
+            return PlaceError::UnknownProduct(*p);
+        }
+        let short = request
+            .lines
+            .iter()
+            .find(|(p, q)| stock[&p.0] < q.0)
+            .map(|(p, _)| *p)
+            .unwrap_or(request.lines[0].0);
+        PlaceError::InsufficientStock(short)
+    }
+
+    async fn order_for(&self, id: OrderId, owner: Owner) -> Result<Option<Order>, StoreError> {
+        Ok(self.order(id).await?.filter(|o| owner.is_none_or(|c| c == o.customer_id)))
+    }
+}
+
+pub(crate) fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn pool_state(&self) -> (u32, u32) {
+        let idle = self.pool.num_idle() as u32;
+        (self.pool.size().saturating_sub(idle), idle)
+    }
+
+    async fn create_customer(&self, email: &Email, password_hash: &str) -> Result<Customer, StoreError> {
+        let res = sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES ($1, $2) RETURNING id")
+            .bind(email.as_str())
+            .bind(password_hash)
+            .fetch_one(&self.pool)
+            .await;
+        match res {
+            Ok(id) => Ok(Customer { id: CustomerId(id), email: email.as_str().to_string() }),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a customer with this email")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn customer_credentials(&self, email: &Email) -> Result<Option<(Customer, String)>, StoreError> {
+        let row = sqlx::query("SELECT id, email, password_hash FROM customers WHERE email = $1")
+            .bind(email.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| {
+            (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))
+        }))
+    }
+
+    async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|c| c.0).collect();
+        let rows = sqlx::query("SELECT id, email FROM customers WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| Customer { id: CustomerId(r.get("id")), email: r.get("email") }).collect())
+    }
+
+    async fn create_product(&self, p: &NewProduct) -> Result<Product, StoreError> {
+        let res = sqlx::query(
+            "INSERT INTO products (sku, name, price_cents, currency, stock) VALUES ($1, $2, $3, $4, $5)
+             RETURNING id, sku, name, price_cents, currency, stock",
+        )
+        .bind(&p.sku)
+        .bind(&p.name)
+        .bind(p.price_cents)
+        .bind(&p.currency)
+        .bind(p.stock)
+        .fetch_one(&self.pool)
+        .await;
+        match res {
+            Ok(row) => Ok(product_from(&row)?),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a product with this sku")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn restock_product(&self, id: ProductId, quantity: i32) -> Result<Option<Product>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE products SET stock = stock + $2 WHERE id = $1 RETURNING id, sku, name, price_cents, currency, stock",
+        )
+        .bind(id.0)
+        .bind(quantity)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(product_from).transpose()?)
+    }
+
+    async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|p| p.0).collect();
+        let rows = sqlx::query("SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn list_products(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after.unwrap_or(0))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn place_order(
+        &self,
+        customer: CustomerId,
+        request: &OrderRequest,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Placed, PlaceError> {
+        if let Some(key) = &request.idempotency_key {
+            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
+                return Ok(placed);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match self.try_place(customer, request, now, expires_at).await {
+                Ok(order) => return Ok(Placed { order, created: true }),
+                Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
+                    // the same key raced in from another request: answer with its order
+                    let key = request.idempotency_key.as_deref().unwrap_or_default();
+                    if let Some(placed) = self.existing_for_key(customer, key, request).await? {
+                        return Ok(placed);
+                    }
+                    return Err(PlaceError::Store(StoreError::Database(e)));
+                }
+                Err(PlaceError::Store(StoreError::Database(e))) if is_retryable(&e) && attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1")))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(with_lines(&self.pool, vec![order_from(&row)?]).await?.pop())
+    }
+
+    async fn list_orders(
+        &self,
+        owner: Owner,
+        status: Option<OrderStatus>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Order>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders
+             WHERE id < $1 AND ($2::bigint IS NULL OR customer_id = $2) AND ($3::text IS NULL OR status = $3)
+             ORDER BY id DESC LIMIT $4"
+        )))
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(owner.map(|c| c.0))
+        .bind(status.map(|s| s.as_db()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(with_lines(&self.pool, orders).await?)
+    }
+
+    async fn pay_order(&self, id: OrderId, owner: Owner, now: DateTime<Utc>) -> Result<PayOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'PAID', paid_at = $3
+             WHERE id = $1 AND ($2::bigint IS NULL OR customer_id = $2)
+               AND status = 'PENDING_PAYMENT' AND expires_at > $3
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(id.0)
+        .bind(owner.map(|c| c.0))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(match self.order_for(id, owner).await? {
+                Some(order) => PayOutcome::NotPending(order),
+                None => PayOutcome::NotFound,
+            });
+        };
+        let orders = with_lines(&mut *tx, vec![order_from(&row)?]).await?;
+        let mut events = record_events(&mut tx, orders).await?;
+        tx.commit().await?;
+        Ok(PayOutcome::Paid(events.remove(0)))
+    }
+
+    async fn cancel_order(
+        &self,
+        id: OrderId,
+        owner: Owner,
+        reason: CancelReason,
+        now: DateTime<Utc>,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = $3,
+                 cancel_reason = CASE WHEN expires_at <= $3 THEN 'EXPIRED' ELSE $4 END
+             WHERE id = $1 AND ($2::bigint IS NULL OR customer_id = $2) AND status = 'PENDING_PAYMENT'
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(id.0)
+        .bind(owner.map(|c| c.0))
+        .bind(now)
+        .bind(reason.as_db())
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(match self.order_for(id, owner).await? {
+                Some(o) if o.status == OrderStatus::Cancelled => CancelOutcome::AlreadyCancelled(o),
+                Some(o) => CancelOutcome::NotPending(o),
+                None => CancelOutcome::NotFound,
+            });
+        }
+        let mut events = finish_cancel(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled(events.remove(0)))
+    }
+
+    async fn cancel_expired(&self, ids: &[OrderId], now: DateTime<Utc>) -> Result<ExpiredBatch, StoreError> {
+        let mut ids: Vec<i64> = ids.iter().map(|o| o.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = $2, cancel_reason = 'EXPIRED'
+             WHERE id IN (SELECT id FROM orders WHERE id = ANY($1) AND status = 'PENDING_PAYMENT' AND expires_at <= $2
+                          ORDER BY id FOR UPDATE SKIP LOCKED)
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(&ids)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let cancelled = rows.len();
+        let events = finish_cancel(&mut tx, rows).await?;
+        tx.commit().await?;
+        let mut batch = ExpiredBatch { events, not_yet_due: Vec::new() };
+        if cancelled < ids.len() {
+            let early = sqlx::query(
+                "SELECT id, expires_at FROM orders WHERE id = ANY($1) AND status = 'PENDING_PAYMENT' AND expires_at > $2",
+            )
+            .bind(&ids)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+            batch.not_yet_due = early.iter().map(|r| (OrderId(r.get("id")), r.get("expires_at"))).collect();
+        }
+        Ok(batch)
+    }
+
+    async fn cancel_overdue(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = $1, cancel_reason = 'EXPIRED'
+             WHERE id IN (SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= $1
+                          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events = finish_cancel(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn outbox_claim(
+        &self,
+        before: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OrderEvent>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox SET claimed_until = $2
+             WHERE id IN (SELECT id FROM outbox WHERE created_at < $1 AND (claimed_until IS NULL OR claimed_until < $1)
+                          ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING id, payload",
+        )
+        .bind(before)
+        .bind(lease_until)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in rows {
+            let payload: String = r.get("payload");
+            if let Ok(order) = serde_json::from_str::<Order>(&payload) {
+                events.push(OrderEvent { event_id: r.get("id"), order });
+            }
+        }
+        events.sort_by_key(|e| e.event_id);
+        Ok(events)
+    }
+
+    async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(event_ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn outbox_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&self.pool).await?)
+    }
+}

@@ -1,0 +1,566 @@
+//! The SQLite backend: the zero-configuration, single-node default.
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of one
+//! connection (transactions queue in-process instead of failing with
+//! `SQLITE_BUSY`) while reads use their own pool over WAL. Times are UTC unix
+//! milliseconds; id lists travel as JSON arrays (`json_each`).
+
+use std::{collections::HashMap, str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+    Row, Sqlite, SqlitePool, Transaction,
+};
+
+use super::{
+    fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError,
+};
+use crate::domain::{
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
+    OrderStatus, Product, ProductId,
+};
+
+pub struct SqliteStore {
+    /// One connection: SQLite has one writer, so writers wait here, in order.
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+const ORDER_COLUMNS: &str = "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn json_ids(ids: impl IntoIterator<Item = i64>) -> String {
+    serde_json::to_string(&ids.into_iter().collect::<Vec<_>>()).expect("ids serialise")
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(timeout)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(timeout)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+fn product_from(row: &SqliteRow) -> Result<Product, sqlx::Error> {
+    Ok(Product {
+        id: ProductId(row.try_get("id")?),
+        sku: row.try_get("sku")?,
+        name: row.try_get("name")?,
+        price_cents: row.try_get("price_cents")?,
+        currency: row.try_get("currency")?,
+        stock: row.try_get("stock")?,
+    })
+}
+
+fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
+    let reason: Option<String> = row.try_get("cancel_reason")?;
+    let status: String = row.try_get("status")?;
+    Ok(Order {
+        id: OrderId(row.try_get("id")?),
+        customer_id: CustomerId(row.try_get("customer_id")?),
+        status: OrderStatus::from_db(&status),
+        lines: Vec::new(),
+        total_cents: row.try_get("total_cents")?,
+        currency: row.try_get("currency")?,
+        created_at: time(row.try_get("created_at")?),
+        expires_at: time(row.try_get("expires_at")?),
+        paid_at: row.try_get::<Option<i64>, _>("paid_at")?.map(time),
+        cancelled_at: row.try_get::<Option<i64>, _>("cancelled_at")?.map(time),
+        cancel_reason: reason.as_deref().and_then(CancelReason::from_db),
+    })
+}
+
+async fn with_lines<'e, E>(exec: E, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    if orders.is_empty() {
+        return Ok(orders);
+    }
+    let rows = sqlx::query(
+        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines
+         WHERE order_id IN (SELECT value FROM json_each(?1)) ORDER BY order_id, product_id",
+    )
+    .bind(json_ids(orders.iter().map(|o| o.id.0)))
+    .fetch_all(exec)
+    .await?;
+    let mut by_order: HashMap<i64, Vec<OrderLine>> = HashMap::new();
+    for row in rows {
+        by_order.entry(row.try_get("order_id")?).or_default().push(OrderLine {
+            product_id: ProductId(row.try_get("product_id")?),
+            quantity: row.try_get("quantity")?,
+            unit_price_cents: row.try_get("unit_price_cents")?,
+        });
+    }
+    for o in &mut orders {
+        o.lines = by_order.remove(&o.id.0).unwrap_or_default();
+    }
+    Ok(orders)
+}
+
+/// After the winning `UPDATE … RETURNING`: return stock, record events.
+async fn finish_cancel(tx: &mut Transaction<'_, Sqlite>, rows: Vec<SqliteRow>) -> Result<Vec<OrderEvent>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
+    let orders = with_lines(&mut **tx, orders).await?;
+    sqlx::query(
+        "UPDATE products SET stock = stock + r.qty
+         FROM (SELECT product_id, SUM(quantity) AS qty FROM order_lines
+               WHERE order_id IN (SELECT value FROM json_each(?1)) GROUP BY product_id) AS r
+         WHERE products.id = r.product_id",
+    )
+    .bind(json_ids(orders.iter().map(|o| o.id.0)))
+    .execute(&mut **tx)
+    .await?;
+    record_events(tx, orders).await
+}
+
+async fn record_events(tx: &mut Transaction<'_, Sqlite>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
+    let now = ms(Utc::now());
+    let mut events = Vec::with_capacity(orders.len());
+    for order in orders {
+        let event_id: i64 =
+            sqlx::query_scalar("INSERT INTO outbox (order_id, payload, created_at) VALUES (?1, ?2, ?3) RETURNING id")
+                .bind(order.id.0)
+                .bind(serde_json::to_string(&order).expect("orders serialise"))
+                .bind(now)
+                .fetch_one(&mut **tx)
+                .await?;
+        events.push(OrderEvent { event_id, order });
+    }
+    Ok(events)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl SqliteStore {
+    async fn existing_for_key(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        request: &OrderRequest,
+    ) -> Result<Option<Placed>, PlaceError> {
+        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = ?1 AND idempotency_key = ?2")
+            .bind(customer.0)
+            .bind(key)
+            .fetch_optional(&self.writer)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let fp: String = row.try_get("fingerprint")?;
+        if fp != fingerprint(request) {
+            return Err(PlaceError::IdempotencyConflict);
+        }
+        let order = self.order(OrderId(row.try_get("id")?)).await?;
+        Ok(order.map(|order| Placed { order, created: false }))
+    }
+
+    async fn order_for(&self, id: OrderId, owner: Owner) -> Result<Option<Order>, StoreError> {
+        Ok(self.order(id).await?.filter(|o| owner.is_none_or(|c| c == o.customer_id)))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    fn pool_state(&self) -> (u32, u32) {
+        let idle = (self.reader.num_idle() + self.writer.num_idle()) as u32;
+        ((self.reader.size() + self.writer.size()).saturating_sub(idle), idle)
+    }
+
+    async fn create_customer(&self, email: &Email, password_hash: &str) -> Result<Customer, StoreError> {
+        let res = sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES (?1, ?2) RETURNING id")
+            .bind(email.as_str())
+            .bind(password_hash)
+            .fetch_one(&self.writer)
+            .await;
+        match res {
+            Ok(id) => Ok(Customer { id: CustomerId(id), email: email.as_str().to_string() }),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a customer with this email")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn customer_credentials(&self, email: &Email) -> Result<Option<(Customer, String)>, StoreError> {
+        let row = sqlx::query("SELECT id, email, password_hash FROM customers WHERE email = ?1")
+            .bind(email.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.map(|r| {
+            (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))
+        }))
+    }
+
+    async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError> {
+        let rows = sqlx::query("SELECT id, email FROM customers WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(json_ids(ids.iter().map(|c| c.0)))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.iter().map(|r| Customer { id: CustomerId(r.get("id")), email: r.get("email") }).collect())
+    }
+
+    async fn create_product(&self, p: &NewProduct) -> Result<Product, StoreError> {
+        let res = sqlx::query(
+            "INSERT INTO products (sku, name, price_cents, currency, stock) VALUES (?1, ?2, ?3, ?4, ?5)
+             RETURNING id, sku, name, price_cents, currency, stock",
+        )
+        .bind(&p.sku)
+        .bind(&p.name)
+        .bind(p.price_cents)
+        .bind(&p.currency)
+        .bind(p.stock)
+        .fetch_one(&self.writer)
+        .await;
+        match res {
+            Ok(row) => Ok(product_from(&row)?),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a product with this sku")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn restock_product(&self, id: ProductId, quantity: i32) -> Result<Option<Product>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE products SET stock = stock + ?2 WHERE id = ?1 RETURNING id, sku, name, price_cents, currency, stock",
+        )
+        .bind(id.0)
+        .bind(quantity)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.as_ref().map(product_from).transpose()?)
+    }
+
+    async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_ids(ids.iter().map(|p| p.0)))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn list_products(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )
+        .bind(after.unwrap_or(0))
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+    }
+
+    async fn place_order(
+        &self,
+        customer: CustomerId,
+        request: &OrderRequest,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Placed, PlaceError> {
+        if let Some(key) = &request.idempotency_key {
+            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
+                return Ok(placed);
+            }
+        }
+        let mut tx = self.begin().await?;
+        let mut lines = Vec::with_capacity(request.lines.len());
+        let mut currency: Option<String> = None;
+        let mut total: i64 = 0;
+        for (pid, qty) in &request.lines {
+            let row = sqlx::query(
+                "UPDATE products SET stock = stock - ?2 WHERE id = ?1 AND stock >= ?2 RETURNING price_cents, currency",
+            )
+            .bind(pid.0)
+            .bind(qty.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM products WHERE id = ?1")
+                    .bind(pid.0)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                return Err(match exists {
+                    Some(_) => PlaceError::InsufficientStock(*pid),
+                    None => PlaceError::UnknownProduct(*pid),
+                });
+            };
+            let price: i32 = row.try_get("price_cents")?;
+            let cur: String = row.try_get("currency")?;
+            if currency.get_or_insert_with(|| cur.clone()) != &cur {
+                tx.rollback().await?;
+                return Err(PlaceError::MixedCurrencies);
+            }
+            total += price as i64 * qty.0 as i64;
+            lines.push(OrderLine { product_id: *pid, quantity: qty.0, unit_price_cents: price });
+        }
+        if total > crate::domain::MAX_TOTAL_CENTS {
+            tx.rollback().await?;
+            return Err(PlaceError::TotalTooLarge);
+        }
+        let currency = currency.unwrap_or_default();
+        let inserted = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
+             VALUES (?1, 'PENDING_PAYMENT', ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        )
+        .bind(customer.0)
+        .bind(total)
+        .bind(&currency)
+        .bind(ms(now))
+        .bind(ms(expires_at))
+        .bind(request.idempotency_key.as_deref())
+        .bind(fingerprint(request))
+        .fetch_one(&mut *tx)
+        .await;
+        let id = match inserted {
+            Ok(id) => id,
+            Err(e) if is_unique_violation(&e) => {
+                tx.rollback().await?;
+                let key = request.idempotency_key.as_deref().unwrap_or_default();
+                return match self.existing_for_key(customer, key, request).await? {
+                    Some(placed) => Ok(placed),
+                    None => Err(e.into()),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for l in &lines {
+            sqlx::query("INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)")
+                .bind(id)
+                .bind(l.product_id.0)
+                .bind(l.quantity)
+                .bind(l.unit_price_cents)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Placed {
+            order: Order {
+                id: OrderId(id),
+                customer_id: customer,
+                status: OrderStatus::PendingPayment,
+                lines,
+                total_cents: total,
+                currency,
+                created_at: time(ms(now)),
+                expires_at: time(ms(expires_at)),
+                paid_at: None,
+                cancelled_at: None,
+                cancel_reason: None,
+            },
+            created: true,
+        })
+    }
+
+    async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1")))
+            .bind(id.0)
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(with_lines(&self.reader, vec![order_from(&row)?]).await?.pop())
+    }
+
+    async fn list_orders(
+        &self,
+        owner: Owner,
+        status: Option<OrderStatus>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Order>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ORDER_COLUMNS} FROM orders
+             WHERE id < ?1 AND (?2 IS NULL OR customer_id = ?2) AND (?3 IS NULL OR status = ?3)
+             ORDER BY id DESC LIMIT ?4"
+        )))
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(owner.map(|c| c.0))
+        .bind(status.map(|s| s.as_db()))
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(with_lines(&self.reader, orders).await?)
+    }
+
+    async fn pay_order(&self, id: OrderId, owner: Owner, now: DateTime<Utc>) -> Result<PayOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'PAID', paid_at = ?3
+             WHERE id = ?1 AND (?2 IS NULL OR customer_id = ?2) AND status = 'PENDING_PAYMENT' AND expires_at > ?3
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(id.0)
+        .bind(owner.map(|c| c.0))
+        .bind(ms(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(match self.order_for(id, owner).await? {
+                Some(order) => PayOutcome::NotPending(order),
+                None => PayOutcome::NotFound,
+            });
+        };
+        let orders = with_lines(&mut *tx, vec![order_from(&row)?]).await?;
+        let mut events = record_events(&mut tx, orders).await?;
+        tx.commit().await?;
+        Ok(PayOutcome::Paid(events.remove(0)))
+    }
+
+    async fn cancel_order(
+        &self,
+        id: OrderId,
+        owner: Owner,
+        reason: CancelReason,
+        now: DateTime<Utc>,
+    ) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = ?3,
+                 cancel_reason = CASE WHEN expires_at <= ?3 THEN 'EXPIRED' ELSE ?4 END
+             WHERE id = ?1 AND (?2 IS NULL OR customer_id = ?2) AND status = 'PENDING_PAYMENT'
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(id.0)
+        .bind(owner.map(|c| c.0))
+        .bind(ms(now))
+        .bind(reason.as_db())
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(match self.order_for(id, owner).await? {
+                Some(o) if o.status == OrderStatus::Cancelled => CancelOutcome::AlreadyCancelled(o),
+                Some(o) => CancelOutcome::NotPending(o),
+                None => CancelOutcome::NotFound,
+            });
+        }
+        let mut events = finish_cancel(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(CancelOutcome::Cancelled(events.remove(0)))
+    }
+
+    async fn cancel_expired(&self, ids: &[OrderId], now: DateTime<Utc>) -> Result<ExpiredBatch, StoreError> {
+        let ids_json = json_ids(ids.iter().map(|o| o.0));
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = ?2, cancel_reason = 'EXPIRED'
+             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'PENDING_PAYMENT' AND expires_at <= ?2
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(&ids_json)
+        .bind(ms(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let events = finish_cancel(&mut tx, rows).await?;
+        let early = sqlx::query(
+            "SELECT id, expires_at FROM orders
+             WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'PENDING_PAYMENT' AND expires_at > ?2",
+        )
+        .bind(&ids_json)
+        .bind(ms(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ExpiredBatch {
+            events,
+            not_yet_due: early.iter().map(|r| (OrderId(r.get("id")), time(r.get("expires_at")))).collect(),
+        })
+    }
+
+    async fn cancel_overdue(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE orders SET status = 'CANCELLED', cancelled_at = ?1, cancel_reason = 'EXPIRED'
+             WHERE id IN (SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= ?1 ORDER BY id LIMIT ?2)
+             RETURNING {ORDER_COLUMNS}"
+        )))
+        .bind(ms(now))
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events = finish_cancel(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn outbox_claim(
+        &self,
+        before: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<OrderEvent>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE outbox SET claimed_until = ?2
+             WHERE id IN (SELECT id FROM outbox WHERE created_at < ?1 AND (claimed_until IS NULL OR claimed_until < ?1)
+                          ORDER BY id LIMIT ?3)
+             RETURNING id, payload",
+        )
+        .bind(ms(before))
+        .bind(ms(lease_until))
+        .bind(limit as i64)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in rows {
+            let payload: String = r.get("payload");
+            if let Ok(order) = serde_json::from_str::<Order>(&payload) {
+                events.push(OrderEvent { event_id: r.get("id"), order });
+            }
+        }
+        events.sort_by_key(|e| e.event_id);
+        Ok(events)
+    }
+
+    async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(json_ids(event_ids.iter().copied()))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn outbox_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&self.reader).await?)
+    }
+}

@@ -1,0 +1,95 @@
+//! Tracing (human or JSON lines) and Prometheus metrics. Metric names live
+//! here, so a dashboard has one file to read.
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::{
+    config::LogFormat,
+    domain::{CancelReason, CancelSource},
+};
+
+/// Installs the global tracing subscriber (once; later calls are ignored).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let _ = match format {
+        LogFormat::Json => fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init(),
+        LogFormat::Human => fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let lag_buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+            let latency_buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("shopgraph_expiry_lag_seconds".into()), &lag_buckets)
+                .expect("buckets")
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &latency_buckets)
+                .expect("buckets")
+                .install_recorder()
+                .expect("one recorder per process")
+        })
+        .clone()
+}
+
+pub fn order_created(latency: Duration) {
+    counter!("shopgraph_orders_created_total").increment(1);
+    histogram!("shopgraph_create_order_duration_seconds").record(latency.as_secs_f64());
+}
+
+pub fn order_paid() {
+    counter!("shopgraph_orders_paid_total").increment(1);
+}
+
+/// One cancellation; `lag` (cancellation − deadline) for expiries.
+pub fn order_cancelled(reason: CancelReason, source: CancelSource, lag: Option<Duration>) {
+    counter!("shopgraph_orders_cancelled_total", "reason" => reason.as_db(), "source" => source.as_str()).increment(1);
+    if let Some(lag) = lag {
+        histogram!("shopgraph_expiry_lag_seconds", "source" => source.as_str()).record(lag.as_secs_f64());
+    }
+}
+
+pub fn expiry_write_failed() {
+    counter!("shopgraph_expiry_hash_write_failures_total").increment(1);
+}
+
+pub fn listener_up(up: bool) {
+    gauge!("shopgraph_expiry_listener_up").set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn listener_reconnected() {
+    counter!("shopgraph_expiry_listener_reconnects_total").increment(1);
+}
+
+pub fn outbox_backlog(n: i64) {
+    gauge!("shopgraph_outbox_backlog").set(n as f64);
+}
+
+pub fn relay_failed() {
+    counter!("shopgraph_event_relay_failures_total").increment(1);
+}
+
+pub fn ws_connections(delta: f64) {
+    gauge!("shopgraph_websocket_connections").increment(delta);
+}
+
+pub fn ws_subscriptions(delta: f64) {
+    gauge!("shopgraph_websocket_subscriptions").increment(delta);
+}
+
+pub fn graphql_request(operation: &str, latency: Duration) {
+    histogram!("shopgraph_graphql_request_duration_seconds", "operation" => operation.to_string())
+        .record(latency.as_secs_f64());
+}
+
+pub fn db_pool(in_use: u32, idle: u32) {
+    gauge!("shopgraph_db_pool_connections", "state" => "in_use").set(in_use as f64);
+    gauge!("shopgraph_db_pool_connections", "state" => "idle").set(idle as f64);
+}

@@ -1,0 +1,278 @@
+//! GraphQL over websocket on `GET /graphql`: the `graphql-transport-ws`
+//! protocol (graphql-ws) and the legacy `graphql-ws` one
+//! (subscriptions-transport-ws), chosen by `Sec-WebSocket-Protocol`.
+//!
+//! Each connection is one task: it authenticates once from
+//! `connection_init`, runs its subscriptions as streams of the schema, and
+//! writes to its own socket only, so a slow client delays nobody else.
+//! Close codes: 4400 malformed message, 4401 subscribe before init, 4403
+//! invalid credentials, 4408 no `connection_init` in time, 4409 duplicate
+//! subscription id, 4429 second `connection_init`, 1013 connection limit,
+//! 1001 server shutting down.
+
+use std::{sync::Arc, time::Duration};
+
+use async_graphql::{Request, Response};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{stream::BoxStream, SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::StreamMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{Auth, Identity},
+    graphql::{errors, ClientAddr, ShopSchema},
+    telemetry,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// `graphql-transport-ws`, the graphql-ws library's protocol.
+    TransportWs,
+    /// `graphql-ws`, the legacy subscriptions-transport-ws protocol.
+    Legacy,
+}
+
+impl Protocol {
+    pub const NAMES: [&'static str; 2] = ["graphql-transport-ws", "graphql-ws"];
+
+    pub fn from_name(name: &str) -> Self {
+        if name == "graphql-ws" {
+            Protocol::Legacy
+        } else {
+            Protocol::TransportWs
+        }
+    }
+}
+
+pub struct WsSettings {
+    pub max_subscriptions: usize,
+    pub init_timeout: Duration,
+    pub keepalive: Duration,
+}
+
+#[derive(Deserialize)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+    payload: Option<Value>,
+}
+
+/// A subscription's responses, then `None` when it has ended.
+type Responses = BoxStream<'static, Option<Response>>;
+
+struct Connection {
+    sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    protocol: Protocol,
+}
+
+impl Connection {
+    async fn send(&mut self, v: Value) -> bool {
+        self.sink.send(Message::Text(v.to_string().into())).await.is_ok()
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = self.sink.send(Message::Close(Some(frame))).await;
+        let _ = self.sink.close().await;
+    }
+
+    async fn next(&mut self, id: &str, resp: &Response) -> bool {
+        let kind = match self.protocol {
+            Protocol::TransportWs => "next",
+            Protocol::Legacy => "data",
+        };
+        self.send(json!({"id": id, "type": kind, "payload": resp})).await
+    }
+
+    async fn error(&mut self, id: &str, errors: Value) -> bool {
+        let payload = match self.protocol {
+            Protocol::TransportWs => errors,
+            Protocol::Legacy => errors.get(0).cloned().unwrap_or(Value::Null),
+        };
+        self.send(json!({"id": id, "type": "error", "payload": payload})).await
+    }
+
+    async fn complete(&mut self, id: &str) -> bool {
+        self.send(json!({"id": id, "type": "complete"})).await
+    }
+}
+
+/// The credential in a `connection_init` payload: `Authorization` or
+/// `authorization`, at the top level or under `headers`.
+fn credential(payload: &Option<Value>) -> Result<Option<String>, ()> {
+    let Some(p) = payload else { return Ok(None) };
+    if p.is_null() {
+        return Ok(None);
+    }
+    let obj = p.as_object().ok_or(())?;
+    let find = |o: &serde_json::Map<String, Value>| o.get("Authorization").or_else(|| o.get("authorization")).cloned();
+    let value = find(obj).or_else(|| obj.get("headers").and_then(|h| h.as_object()).and_then(find));
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(()),
+    }
+}
+
+/// Serves one websocket until it closes, fails, or the server shuts down.
+pub async fn serve(
+    socket: WebSocket,
+    protocol: Protocol,
+    schema: ShopSchema,
+    auth: Arc<Auth>,
+    client: ClientAddr,
+    settings: Arc<WsSettings>,
+    shutdown: CancellationToken,
+) {
+    telemetry::ws_connections(1.0);
+    let (sink, mut source) = socket.split();
+    let mut conn = Connection { sink, protocol };
+    let mut streams: StreamMap<String, Responses> = StreamMap::new();
+    let mut identity: Option<Identity> = None;
+    let init_deadline = tokio::time::sleep(settings.init_timeout);
+    tokio::pin!(init_deadline);
+    let mut keepalive = tokio::time::interval(settings.keepalive);
+    keepalive.reset();
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(1001, "server shutting down").await;
+                break;
+            }
+            _ = &mut init_deadline, if identity.is_none() => {
+                conn.close(4408, "Connection initialisation timeout").await;
+                break;
+            }
+            Some((id, item)) = streams.next(), if !streams.is_empty() => {
+                let ok = match item {
+                    Some(resp) if resp.data == async_graphql::Value::Null && resp.is_err() => {
+                        // refused before or while running: the error ends this operation
+                        let errs = serde_json::to_value(&resp.errors).unwrap_or_default();
+                        streams.remove(&id);
+                        conn.error(&id, errs).await
+                    }
+                    Some(resp) => conn.next(&id, &resp).await,
+                    None => {
+                        streams.remove(&id);
+                        conn.complete(&id).await
+                    }
+                };
+                if !ok { break; }
+            }
+            _ = keepalive.tick() => {
+                let ping = match protocol {
+                    Protocol::TransportWs => json!({"type": "ping"}),
+                    Protocol::Legacy => json!({"type": "ka"}),
+                };
+                if !conn.send(ping).await { break; }
+            }
+            msg = source.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        conn.close(4400, "binary messages are not supported").await;
+                        break;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                };
+                let Ok(msg) = serde_json::from_str::<ClientMessage>(text.as_str()) else {
+                    conn.close(4400, "Invalid message received").await;
+                    break;
+                };
+                match (protocol, msg.kind.as_str()) {
+                    (_, "connection_init") => {
+                        if identity.is_some() {
+                            conn.close(4429, "Too many initialisation requests").await;
+                            break;
+                        }
+                        let who = credential(&msg.payload).map_err(|_| ()).and_then(|c| auth.authenticate(c.as_deref()).map_err(|_| ()));
+                        match who {
+                            Ok(who) => {
+                                identity = Some(who);
+                                if !conn.send(json!({"type": "connection_ack"})).await { break; }
+                                if protocol == Protocol::Legacy && !conn.send(json!({"type": "ka"})).await { break; }
+                            }
+                            Err(()) => {
+                                conn.close(4403, "Forbidden: invalid or expired credentials").await;
+                                break;
+                            }
+                        }
+                    }
+                    (Protocol::TransportWs, "subscribe") | (Protocol::Legacy, "start") => {
+                        let Some(who) = identity else {
+                            conn.close(4401, "Unauthorized").await;
+                            break;
+                        };
+                        let (Some(id), Some(payload)) = (msg.id, msg.payload) else {
+                            conn.close(4400, "Invalid message received").await;
+                            break;
+                        };
+                        if streams.contains_key(&id) {
+                            conn.close(4409, &format!("Subscriber for {id} already exists")).await;
+                            break;
+                        }
+                        let Ok(request) = serde_json::from_value::<Request>(payload) else {
+                            conn.close(4400, "Invalid message received").await;
+                            break;
+                        };
+                        if streams.len() >= settings.max_subscriptions {
+                            let err = json!([{
+                                "message": format!("too many subscriptions on this connection (at most {})", settings.max_subscriptions),
+                                "extensions": {"code": errors::RATE_LIMITED},
+                            }]);
+                            if !conn.error(&id, err).await { break; }
+                            continue;
+                        }
+                        let stream = schema
+                            .execute_stream(request.data(who).data(client))
+                            .map(Some)
+                            .chain(futures_util::stream::once(async { None }))
+                            .boxed();
+                        streams.insert(id, stream);
+                    }
+                    (Protocol::TransportWs, "complete") | (Protocol::Legacy, "stop") => {
+                        if let Some(id) = msg.id {
+                            if streams.remove(&id).is_some() && protocol == Protocol::Legacy && !conn.complete(&id).await {
+                                break;
+                            }
+                        }
+                    }
+                    (Protocol::TransportWs, "ping") => {
+                        if !conn.send(json!({"type": "pong"})).await { break; }
+                    }
+                    (Protocol::TransportWs, "pong") => {}
+                    (Protocol::Legacy, "connection_terminate") => {
+                        conn.close(1000, "Normal Closure").await;
+                        break;
+                    }
+                    _ => {
+                        conn.close(4400, &format!("Invalid message type {:?}", msg.kind)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    telemetry::ws_connections(-1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_found_in_either_key_case_and_under_headers() {
+        assert_eq!(credential(&Some(json!({"Authorization": "Bearer a"}))), Ok(Some("Bearer a".into())));
+        assert_eq!(credential(&Some(json!({"authorization": "Bearer b"}))), Ok(Some("Bearer b".into())));
+        assert_eq!(credential(&Some(json!({"headers": {"Authorization": "Bearer c"}}))), Ok(Some("Bearer c".into())));
+        assert_eq!(credential(&None), Ok(None));
+        assert_eq!(credential(&Some(json!({}))), Ok(None));
+        assert!(credential(&Some(json!({"Authorization": 5}))).is_err());
+        assert!(credential(&Some(json!("x"))).is_err());
+    }
+}
