@@ -15,7 +15,11 @@ use crate::{
     auth::Auth,
     config::Config,
     events::{self, EventBus},
-    expiry::{listener::{Listener, ListenerState}, nudger::Nudger, sweeper, Keys, Scheduler},
+    expiry::{
+        listener::{Listener, ListenerState},
+        nudger::Nudger,
+        sweeper, Keys, Scheduler,
+    },
     graphql::{self, types::StoreLoader, Services},
     http::{self, HttpState},
     orders::Orders,
@@ -62,10 +66,8 @@ impl App {
         telemetry::metrics_handle();
         let store = open_store(&config).await?;
         let (redis_url, private_redis) = redis_server::resolve(config.redis_url.as_deref()).await?;
-        let client = redis::Client::open(redis_url.as_str()).map_err(|e| RedisStartError::Unreachable {
-            url: redis_url.clone(),
-            reason: e.to_string(),
-        })?;
+        let client = redis::Client::open(redis_url.as_str())
+            .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
         let db = client.get_connection_info().redis_settings().db();
         // Commands fail fast while Redis is away: an order is still placed
         // (the sweep covers it) instead of hanging on a dead connection.

@@ -103,9 +103,7 @@ impl Auth {
     }
 
     pub async fn hash_password(&self, password: String) -> String {
-        tokio::task::spawn_blocking(move || hash_password_blocking(&password))
-            .await
-            .expect("hashing does not panic")
+        tokio::task::spawn_blocking(move || hash_password_blocking(&password)).await.expect("hashing does not panic")
     }
 
     /// Checks `password` against `hash`, or against a dummy hash when the
@@ -126,10 +124,7 @@ impl Auth {
 
 fn hash_password_blocking(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .expect("argon2 with default parameters")
-        .to_string()
+    Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default parameters").to_string()
 }
 
 #[cfg(test)]

@@ -138,35 +138,22 @@ pub struct ConfigError {
 }
 
 fn bad(var: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var,
-        reason: reason.into(),
-    }
+    ConfigError { var, reason: reason.into() }
 }
 
 fn duration(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(raw.trim()).map_err(|_| {
-        bad(
-            var,
-            format!("invalid duration {raw:?} (expected e.g. 500ms, 2s, 30m, 1h)"),
-        )
-    })?;
+    let d = humantime::parse_duration(raw.trim())
+        .map_err(|_| bad(var, format!("invalid duration {raw:?} (expected e.g. 500ms, 2s, 30m, 1h)")))?;
     if d.is_zero() {
         return Err(bad(var, "must be greater than zero"));
     }
     Ok(d)
 }
 
-fn positive<T: std::str::FromStr + PartialOrd + Default>(
-    var: &'static str,
-    raw: &str,
-) -> Result<T, ConfigError> {
+fn positive<T: std::str::FromStr + PartialOrd + Default>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
     match raw.trim().parse::<T>() {
         Ok(v) if v > T::default() => Ok(v),
-        _ => Err(bad(
-            var,
-            format!("invalid value {raw:?} (expected a positive integer)"),
-        )),
+        _ => Err(bad(var, format!("invalid value {raw:?} (expected a positive integer)"))),
     }
 }
 
@@ -177,7 +164,10 @@ impl ConfigArgs {
         if let Some(url) = self.database_url {
             let url = url.trim().to_string();
             if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(bad("DATABASE_URL", format!("unsupported URL {:?} (expected sqlite://… or postgres://…)", redact_url(&url))));
+                return Err(bad(
+                    "DATABASE_URL",
+                    format!("unsupported URL {:?} (expected sqlite://… or postgres://…)", redact_url(&url)),
+                ));
             }
             c.database_url = url;
         }
@@ -299,7 +289,8 @@ mod tests {
 
     #[test]
     fn humantime_durations_are_accepted() {
-        let args = ConfigArgs { order_ttl: Some("90s".into()), sweep_interval: Some("500ms".into()), ..Default::default() };
+        let args =
+            ConfigArgs { order_ttl: Some("90s".into()), sweep_interval: Some("500ms".into()), ..Default::default() };
         let c = args.into_config().unwrap();
         assert_eq!(c.order_ttl, Duration::from_secs(90));
         assert_eq!(c.sweep_interval, Duration::from_millis(500));

@@ -142,7 +142,13 @@ impl NewProduct {
         if stock < 0 {
             return Err(invalid("stock must not be negative"));
         }
-        Ok(NewProduct { sku: sku.to_string(), name: name.to_string(), price_cents, currency: currency.to_string(), stock })
+        Ok(NewProduct {
+            sku: sku.to_string(),
+            name: name.to_string(),
+            price_cents,
+            currency: currency.to_string(),
+            stock,
+        })
     }
 }
 

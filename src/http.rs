@@ -95,7 +95,9 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
     let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
     telemetry::graphql_request(&operation, started.elapsed());
     let request_error = match &response {
-        BatchResponse::Single(r) => r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err(),
+        BatchResponse::Single(r) => {
+            r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
+        }
         BatchResponse::Batch(_) => false,
     };
     let status = if modern && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
@@ -113,7 +115,9 @@ fn operation_label(batch: &BatchRequest) -> String {
         BatchRequest::Batch(_) => Some("batch"),
     };
     match name {
-        Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => n.to_string(),
+        Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            n.to_string()
+        }
         _ => "anonymous".to_string(),
     }
 }
@@ -127,7 +131,11 @@ async fn graphql_post(
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
-            return error_body(StatusCode::BAD_REQUEST, &format!("malformed GraphQL request body: {e}"), errors::BAD_USER_INPUT)
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                &format!("malformed GraphQL request body: {e}"),
+                errors::BAD_USER_INPUT,
+            )
         }
     };
     if let BatchRequest::Batch(v) = &batch {
@@ -143,7 +151,11 @@ async fn graphql_post(
 }
 
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
-async fn graphql_get(State(state): State<HttpState>, ConnectInfo(addr): ConnectInfo<SocketAddr>, req: Request) -> Response {
+async fn graphql_get(
+    State(state): State<HttpState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
     let (mut parts, _) = req.into_parts();
     let is_upgrade = parts
         .headers
@@ -160,10 +172,17 @@ async fn graphql_get(State(state): State<HttpState>, ConnectInfo(addr): ConnectI
     let query = parts.uri.query().unwrap_or_default();
     let request = match parse_query_string(query) {
         Ok(r) => r,
-        Err(e) => return error_body(StatusCode::BAD_REQUEST, &format!("malformed GraphQL query string: {e}"), errors::BAD_USER_INPUT),
+        Err(e) => {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                &format!("malformed GraphQL query string: {e}"),
+                errors::BAD_USER_INPUT,
+            )
+        }
     };
     if is_mutation(&request) {
-        let mut res = error_body(StatusCode::METHOD_NOT_ALLOWED, "mutations must be sent with POST", errors::BAD_USER_INPUT);
+        let mut res =
+            error_body(StatusCode::METHOD_NOT_ALLOWED, "mutations must be sent with POST", errors::BAD_USER_INPUT);
         res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return res;
     }
@@ -201,10 +220,8 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let timeout = std::time::Duration::from_secs(2);
     let db = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
     let mut conn = state.redis.clone();
-    let redis = matches!(
-        tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await,
-        Ok(Ok(_))
-    );
+    let redis =
+        matches!(tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await, Ok(Ok(_)));
     let listener = state.listener.is_up();
     let up = |b: bool| if b { "up" } else { "down" };
     let body = json!({
@@ -240,9 +257,5 @@ async fn graphiql_js() -> impl IntoResponse {
 }
 
 async fn graphiql_css() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
-        GRAPHIQL_CSS,
-    )
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], GRAPHIQL_CSS)
 }
-

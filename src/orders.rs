@@ -137,7 +137,5 @@ impl Orders {
 }
 
 fn owner_of(identity: Identity) -> ShopResult<Option<crate::domain::CustomerId>> {
-    identity
-        .owner_filter()
-        .ok_or(ShopError::Unauthenticated("sign in to see your orders"))
+    identity.owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))
 }

@@ -26,7 +26,13 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-pub async fn run(client: redis::Client, channel: String, name: &'static str, handler: &mut impl Handler, shutdown: CancellationToken) {
+pub async fn run(
+    client: redis::Client,
+    channel: String,
+    name: &'static str,
+    handler: &mut impl Handler,
+    shutdown: CancellationToken,
+) {
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     loop {

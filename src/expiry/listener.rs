@@ -107,12 +107,8 @@ pub async fn ensure_notifications(conn: &mut ConnectionManager, state: &Listener
     if wanted == flags {
         return;
     }
-    let set: redis::RedisResult<()> = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg(&wanted)
-        .query_async(conn)
-        .await;
+    let set: redis::RedisResult<()> =
+        redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(&wanted).query_async(conn).await;
     match set {
         Ok(()) => info!(before = %flags, after = %wanted, "enabled Redis keyspace notifications for expired keys"),
         Err(e) => config_refused(state, &e.to_string()),

@@ -42,12 +42,7 @@ impl Nudger {
     /// Claims due deadlines and touches their keys. Returns how many.
     pub async fn nudge_once(&self) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
-        let due: Vec<i64> = self
-            .script
-            .key(self.keys.deadlines())
-            .arg(CLAIM_BATCH)
-            .invoke_async(&mut conn)
-            .await?;
+        let due: Vec<i64> = self.script.key(self.keys.deadlines()).arg(CLAIM_BATCH).invoke_async(&mut conn).await?;
         if due.is_empty() {
             return Ok(0);
         }

@@ -53,7 +53,8 @@ pub fn identity(ctx: &Context<'_>) -> Identity {
 }
 
 /// Query limits: deep or costly documents are refused before any resolver runs.
-pub const MAX_DEPTH: usize = 12;
+/// Deep enough for the standard introspection query (15), which GraphiQL and codegen send.
+pub const MAX_DEPTH: usize = 16;
 pub const MAX_COMPLEXITY: usize = 2_000;
 
 pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {

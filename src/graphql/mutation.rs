@@ -77,7 +77,12 @@ fn rate_limit(ctx: &Context<'_>) -> Result<(), ShopError> {
 
 #[Object]
 impl Mutation {
-    async fn register_customer(&self, ctx: &Context<'_>, email: String, password: String) -> async_graphql::Result<AuthPayload> {
+    async fn register_customer(
+        &self,
+        ctx: &Context<'_>,
+        email: String,
+        password: String,
+    ) -> async_graphql::Result<AuthPayload> {
         let email = Email::parse(&email)?;
         let password = Password::parse(&password)?;
         rate_limit(ctx)?;
@@ -134,7 +139,9 @@ impl Mutation {
             .restock_product(id, quantity)
             .await
             .map_err(|e| match e {
-                StoreError::Database(_) => ShopError::Invalid(crate::domain::invalid("the stock would exceed 2147483647")),
+                StoreError::Database(_) => {
+                    ShopError::Invalid(crate::domain::invalid("the stock would exceed 2147483647"))
+                }
                 e => ShopError::Store(e),
             })?
             .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;

@@ -32,10 +32,8 @@ impl Query {
         let limit = page_size(first)?;
         let after = after.as_deref().map(cursor::decode).transpose()?;
         let rows = services(ctx).store.list_products(after, limit + 1).await?;
-        let (edges, page_info) = page(rows, limit, after.is_some(), |p| p.id.0, |p, cursor| ProductEdge {
-            node: ProductNode(p),
-            cursor,
-        });
+        let (edges, page_info) =
+            page(rows, limit, after.is_some(), |p| p.id.0, |p, cursor| ProductEdge { node: ProductNode(p), cursor });
         Ok(ProductConnection { edges, page_info })
     }
 
@@ -73,10 +71,8 @@ impl Query {
         let limit = page_size(first)?;
         let before = after.as_deref().map(cursor::decode).transpose()?;
         let rows = services(ctx).store.list_orders(owner, status, before, limit + 1).await?;
-        let (edges, page_info) = page(rows, limit, before.is_some(), |o| o.id.0, |o, cursor| OrderEdge {
-            node: OrderNode(o),
-            cursor,
-        });
+        let (edges, page_info) =
+            page(rows, limit, before.is_some(), |o| o.id.0, |o, cursor| OrderEdge { node: OrderNode(o), cursor });
         Ok(OrderConnection { edges, page_info })
     }
 }

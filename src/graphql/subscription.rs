@@ -31,9 +31,8 @@ impl Subscription {
         ctx: &Context<'_>,
         order_id: Option<ID>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderCancelledEvent>>> {
-        let owner = identity(ctx)
-            .owner_filter()
-            .ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let owner =
+            identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
         let s = services(ctx).clone();
         let only = match order_id {
             Some(raw) => {
@@ -86,9 +85,8 @@ impl Subscription {
         ctx: &Context<'_>,
         order_id: ID,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderNode>>> {
-        let owner = identity(ctx)
-            .owner_filter()
-            .ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let owner =
+            identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
         let id = OrderId::parse(&order_id)?;
         let s = services(ctx).clone();
         // subscribe first, then read: nothing can fall between the two

@@ -82,9 +82,7 @@ pub struct OrderLineNode(pub OrderLine);
 impl OrderLineNode {
     async fn product(&self, ctx: &Context<'_>) -> async_graphql::Result<ProductNode> {
         let loaded = services(ctx).loader.load_one(self.0.product_id).await.map_err(|e| ShopError::Store(unwrap(e)))?;
-        loaded
-            .map(ProductNode)
-            .ok_or_else(|| ShopError::NotFound(format!("product {}", self.0.product_id)).into())
+        loaded.map(ProductNode).ok_or_else(|| ShopError::NotFound(format!("product {}", self.0.product_id)).into())
     }
     async fn quantity(&self) -> i32 {
         self.0.quantity
@@ -107,10 +105,9 @@ impl OrderNode {
         ID(self.0.id.to_string())
     }
     async fn customer(&self, ctx: &Context<'_>) -> async_graphql::Result<CustomerNode> {
-        let loaded = services(ctx).loader.load_one(self.0.customer_id).await.map_err(|e| ShopError::Store(unwrap(e)))?;
-        loaded
-            .map(CustomerNode)
-            .ok_or_else(|| ShopError::NotFound(format!("customer {}", self.0.customer_id)).into())
+        let loaded =
+            services(ctx).loader.load_one(self.0.customer_id).await.map_err(|e| ShopError::Store(unwrap(e)))?;
+        loaded.map(CustomerNode).ok_or_else(|| ShopError::NotFound(format!("customer {}", self.0.customer_id)).into())
     }
     async fn status(&self) -> OrderStatus {
         self.0.status
@@ -205,7 +202,13 @@ impl OrderConnection {
 }
 
 /// Builds a Relay page from `limit + 1` rows fetched after a cursor.
-pub fn page<T, E>(mut rows: Vec<T>, limit: usize, had_cursor: bool, id: impl Fn(&T) -> i64, edge: impl Fn(T, String) -> E) -> (Vec<E>, PageInfo) {
+pub fn page<T, E>(
+    mut rows: Vec<T>,
+    limit: usize,
+    had_cursor: bool,
+    id: impl Fn(&T) -> i64,
+    edge: impl Fn(T, String) -> E,
+) -> (Vec<E>, PageInfo) {
     let has_next_page = rows.len() > limit;
     rows.truncate(limit);
     let cursors: Vec<String> = rows.iter().map(|r| crate::domain::cursor::encode(id(r))).collect();

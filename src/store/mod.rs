@@ -169,7 +169,11 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the backend named by the URL scheme, creating and migrating it.
-pub async fn connect(url: &str, max_connections: u32, timeout: std::time::Duration) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeout: std::time::Duration,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url, max_connections, timeout).await?))
     } else {
@@ -179,10 +183,5 @@ pub async fn connect(url: &str, max_connections: u32, timeout: std::time::Durati
 
 /// The canonical text of an order's lines, to compare idempotent retries.
 pub(crate) fn fingerprint(request: &OrderRequest) -> String {
-    request
-        .lines
-        .iter()
-        .map(|(p, q)| format!("{}x{}", p.0, q.0))
-        .collect::<Vec<_>>()
-        .join(",")
+    request.lines.iter().map(|(p, q)| format!("{}x{}", p.0, q.0)).collect::<Vec<_>>().join(",")
 }

@@ -11,9 +11,7 @@ use sqlx::{
     PgPool, Postgres, Row, Transaction,
 };
 
-use super::{
-    fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError,
-};
+use super::{fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError};
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
     OrderStatus, Product, ProductId,
@@ -23,7 +21,8 @@ pub struct PgStore {
     pool: PgPool,
 }
 
-const ORDER_COLUMNS: &str = "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
+const ORDER_COLUMNS: &str =
+    "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
 
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StoreError> {
@@ -131,10 +130,7 @@ async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> 
 
 async fn record_events(tx: &mut Transaction<'_, Postgres>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
     let order_ids: Vec<i64> = orders.iter().map(|o| o.id.0).collect();
-    let payloads: Vec<String> = orders
-        .iter()
-        .map(|o| serde_json::to_string(o).expect("orders serialise"))
-        .collect();
+    let payloads: Vec<String> = orders.iter().map(|o| serde_json::to_string(o).expect("orders serialise")).collect();
     let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO outbox (order_id, payload) SELECT * FROM unnest($1::bigint[], $2::text[]) RETURNING id",
     )
@@ -142,11 +138,7 @@ async fn record_events(tx: &mut Transaction<'_, Postgres>, orders: Vec<Order>) -
     .bind(&payloads)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(ids
-        .into_iter()
-        .zip(orders)
-        .map(|(event_id, order)| OrderEvent { event_id, order })
-        .collect())
+    Ok(ids.into_iter().zip(orders).map(|(event_id, order)| OrderEvent { event_id, order }).collect())
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -277,12 +269,8 @@ impl PgStore {
         if let Some((p, _)) = request.lines.iter().find(|(p, _)| !stock.contains_key(&p.0)) {
             return PlaceError::UnknownProduct(*p);
         }
-        let short = request
-            .lines
-            .iter()
-            .find(|(p, q)| stock[&p.0] < q.0)
-            .map(|(p, _)| *p)
-            .unwrap_or(request.lines[0].0);
+        let short =
+            request.lines.iter().find(|(p, q)| stock[&p.0] < q.0).map(|(p, _)| *p).unwrap_or(request.lines[0].0);
         PlaceError::InsufficientStock(short)
     }
 
@@ -312,11 +300,12 @@ impl Store for PgStore {
     }
 
     async fn create_customer(&self, email: &Email, password_hash: &str) -> Result<Customer, StoreError> {
-        let res = sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES ($1, $2) RETURNING id")
-            .bind(email.as_str())
-            .bind(password_hash)
-            .fetch_one(&self.pool)
-            .await;
+        let res =
+            sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES ($1, $2) RETURNING id")
+                .bind(email.as_str())
+                .bind(password_hash)
+                .fetch_one(&self.pool)
+                .await;
         match res {
             Ok(id) => Ok(Customer { id: CustomerId(id), email: email.as_str().to_string() }),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a customer with this email")),
@@ -329,17 +318,13 @@ impl Store for PgStore {
             .bind(email.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| {
-            (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))
-        }))
+        Ok(row.map(|r| (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))))
     }
 
     async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError> {
         let ids: Vec<i64> = ids.iter().map(|c| c.0).collect();
-        let rows = sqlx::query("SELECT id, email FROM customers WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, email FROM customers WHERE id = ANY($1)").bind(&ids).fetch_all(&self.pool).await?;
         Ok(rows.iter().map(|r| Customer { id: CustomerId(r.get("id")), email: r.get("email") }).collect())
     }
 
@@ -591,10 +576,7 @@ impl Store for PgStore {
     }
 
     async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(event_ids)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(event_ids).execute(&self.pool).await?;
         Ok(())
     }
 

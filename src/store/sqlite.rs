@@ -14,9 +14,7 @@ use sqlx::{
     Row, Sqlite, SqlitePool, Transaction,
 };
 
-use super::{
-    fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError,
-};
+use super::{fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError};
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
     OrderStatus, Product, ProductId,
@@ -28,7 +26,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
 }
 
-const ORDER_COLUMNS: &str = "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
+const ORDER_COLUMNS: &str =
+    "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
 
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -50,11 +49,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(timeout);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(timeout)
-            .connect_with(options.clone())
-            .await?;
+        let writer =
+            SqlitePoolOptions::new().max_connections(1).acquire_timeout(timeout).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(2))
@@ -208,11 +204,12 @@ impl Store for SqliteStore {
     }
 
     async fn create_customer(&self, email: &Email, password_hash: &str) -> Result<Customer, StoreError> {
-        let res = sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES (?1, ?2) RETURNING id")
-            .bind(email.as_str())
-            .bind(password_hash)
-            .fetch_one(&self.writer)
-            .await;
+        let res =
+            sqlx::query_scalar::<_, i64>("INSERT INTO customers (email, password_hash) VALUES (?1, ?2) RETURNING id")
+                .bind(email.as_str())
+                .bind(password_hash)
+                .fetch_one(&self.writer)
+                .await;
         match res {
             Ok(id) => Ok(Customer { id: CustomerId(id), email: email.as_str().to_string() }),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("a customer with this email")),
@@ -225,9 +222,7 @@ impl Store for SqliteStore {
             .bind(email.as_str())
             .fetch_optional(&self.reader)
             .await?;
-        Ok(row.map(|r| {
-            (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))
-        }))
+        Ok(row.map(|r| (Customer { id: CustomerId(r.get("id")), email: r.get("email") }, r.get("password_hash"))))
     }
 
     async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError> {
@@ -364,13 +359,15 @@ impl Store for SqliteStore {
             Err(e) => return Err(e.into()),
         };
         for l in &lines {
-            sqlx::query("INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)")
-                .bind(id)
-                .bind(l.product_id.0)
-                .bind(l.quantity)
-                .bind(l.unit_price_cents)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(id)
+            .bind(l.product_id.0)
+            .bind(l.quantity)
+            .bind(l.unit_price_cents)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(Placed {

@@ -1,0 +1,321 @@
+//! The test harness: a real shopgraph on a free port, with its own database
+//! (a fresh SQLite file, or a fresh Postgres database on the server at
+//! `TEST_DATABASE_URL`) and its own `REDIS_KEY_PREFIX`, driven over HTTP and
+//! websockets like any client.
+#![allow(dead_code)]
+
+pub mod ws;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use serde_json::{json, Value};
+use shopgraph::{store::Store, App, Config};
+use tokio::sync::oneshot;
+
+pub const ADMIN: &str = "test-admin-token";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one test: kept alive (SQLite temp dir) by holding this.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The Postgres server for tests, or `None` (the test is skipped).
+pub fn postgres_url() -> Option<String> {
+    std::env::var("TEST_DATABASE_URL").ok().filter(|s| !s.is_empty())
+}
+
+pub async fn fresh_db(backend: Backend) -> TestDb {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("test.db").display());
+            TestDb { url, _dir: Some(dir) }
+        }
+        Backend::Postgres => {
+            let base = postgres_url().expect("TEST_DATABASE_URL");
+            let name = format!("shopgraph_test_{}", uuid::Uuid::new_v4().simple());
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to TEST_DATABASE_URL");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .expect("create test database");
+            let mut url = url::Url::parse(&base).expect("TEST_DATABASE_URL is a URL");
+            url.set_path(&name);
+            TestDb { url: url.to_string(), _dir: None }
+        }
+    }
+}
+
+/// The Redis for tests: `REDIS_URL`, the default address, or one private
+/// `redis-server` per test process.
+pub async fn redis_url() -> String {
+    static URL: tokio::sync::OnceCell<(String, Option<shopgraph::redis_server::PrivateRedis>)> =
+        tokio::sync::OnceCell::const_new();
+    let (url, _) = URL
+        .get_or_init(|| async {
+            let configured = std::env::var("REDIS_URL").ok();
+            shopgraph::redis_server::resolve(configured.as_deref()).await.expect("a Redis for tests")
+        })
+        .await;
+    url.clone()
+}
+
+pub fn unique_prefix() -> String {
+    format!("test-{}:", uuid::Uuid::new_v4().simple())
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub ws_url: String,
+    pub addr: std::net::SocketAddr,
+    pub http: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _db: Option<Arc<TestDb>>,
+}
+
+/// A configuration for tests: port 0, short TTL, long sweep (so that
+/// listener behaviour is what is observed unless a test shortens it).
+pub async fn test_config(db_url: &str) -> Config {
+    Config {
+        database_url: db_url.to_string(),
+        redis_url: Some(redis_url().await),
+        redis_key_prefix: unique_prefix(),
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        order_ttl: Duration::from_secs(60),
+        sweep_interval: Duration::from_secs(3600),
+        admin_token: Some(shopgraph::config::Secret(ADMIN.into())),
+        jwt_secret: Some(shopgraph::config::Secret(JWT_SECRET.into())),
+        auth_rate_limit_per_minute: 10_000,
+        ..Config::default()
+    }
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let db = Arc::new(fresh_db(backend).await);
+    let mut config = test_config(&db.url).await;
+    tweak(&mut config);
+    let mut app = start(config).await;
+    app._db = Some(db);
+    app
+}
+
+/// Starts a server from a complete config (e.g. a second instance).
+pub async fn start(config: Config) -> TestApp {
+    let app = App::build(config.clone()).await.expect("app builds");
+    let addr = app.addr;
+    let store = app.store.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        url: format!("http://{addr}"),
+        ws_url: format!("ws://{addr}/graphql"),
+        addr,
+        http: reqwest::Client::new(),
+        store,
+        config,
+        stop: Some(tx),
+        handle: Some(handle),
+        _db: None,
+    }
+}
+
+impl TestApp {
+    /// Another instance on the same database and Redis prefix.
+    pub async fn sibling(&self) -> TestApp {
+        let mut config = self.config.clone();
+        config.listen_addr = "127.0.0.1:0".parse().unwrap();
+        let mut app = start(config).await;
+        app._db = self._db.clone();
+        app
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+        }
+    }
+
+    /// Waits until `/readyz` says 200 and the event fan-out is subscribed,
+    /// so that events published by other instances reach this one.
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.url);
+        eventually(Duration::from_secs(10), || async {
+            let res = self.http.get(&url).send().await.ok()?;
+            let ok = res.status().is_success();
+            let body: Value = res.json().await.ok()?;
+            (ok && body["events"] == "up").then_some(())
+        })
+        .await
+    }
+
+    /// Sends a GraphQL document; returns the whole JSON response.
+    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut req =
+            self.http.post(format!("{}/graphql", self.url)).json(&json!({"query": query, "variables": variables}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.expect("request sent");
+        res.json().await.expect("JSON response")
+    }
+
+    /// Like `gql`, but panics on errors and returns `data`.
+    pub async fn data(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let v = self.gql(token, query, variables).await;
+        assert!(v.get("errors").is_none(), "unexpected errors: {v}");
+        v["data"].clone()
+    }
+
+    pub async fn create_product(&self, sku: &str, price_cents: i64, stock: i64) -> String {
+        self.create_product_in(sku, price_cents, "USD", stock).await
+    }
+
+    pub async fn create_product_in(&self, sku: &str, price_cents: i64, currency: &str, stock: i64) -> String {
+        let d = self
+            .data(
+                Some(ADMIN),
+                "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
+                json!({"i": {"sku": sku, "name": format!("Product {sku}"), "priceCents": price_cents, "currency": currency, "stock": stock}}),
+            )
+            .await;
+        d["createProduct"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Registers a customer with a unique email; returns (token, customer id).
+    pub async fn customer(&self) -> (String, String) {
+        let email = format!("c-{}@example.com", uuid::Uuid::new_v4().simple());
+        let d = self
+            .data(
+                None,
+                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token customer { id } } }",
+                json!({"e": email}),
+            )
+            .await;
+        (
+            d["registerCustomer"]["token"].as_str().unwrap().to_string(),
+            d["registerCustomer"]["customer"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    pub async fn create_order(&self, token: &str, lines: &[(&str, i64)]) -> Value {
+        let lines: Vec<Value> = lines.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect();
+        self.gql(
+            Some(token),
+            "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id status totalCents currency expiresAt createdAt } }",
+            json!({"i": {"lines": lines}}),
+        )
+        .await
+    }
+
+    /// Places an order that must succeed; returns its id.
+    pub async fn order_id(&self, token: &str, lines: &[(&str, i64)]) -> String {
+        let v = self.create_order(token, lines).await;
+        v["data"]["createOrder"]["id"].as_str().unwrap_or_else(|| panic!("order not placed: {v}")).to_string()
+    }
+
+    pub async fn stock(&self, product: &str) -> i64 {
+        let d = self.data(None, "query($id: ID!) { product(id: $id) { stock } }", json!({"id": product})).await;
+        d["product"]["stock"].as_i64().unwrap()
+    }
+
+    pub async fn order(&self, token: &str, id: &str) -> Value {
+        let d = self
+            .data(
+                Some(token),
+                "query($id: ID!) { order(id: $id) { id status cancelReason paidAt cancelledAt expiresAt } }",
+                json!({"id": id}),
+            )
+            .await;
+        d["order"].clone()
+    }
+
+    pub async fn pay(&self, token: &str, id: &str) -> Value {
+        self.gql(Some(token), "mutation($id: ID!) { payOrder(id: $id) { id status paidAt } }", json!({"id": id})).await
+    }
+
+    pub async fn cancel(&self, token: &str, id: &str) -> Value {
+        self.gql(
+            Some(token),
+            "mutation($id: ID!) { cancelOrder(id: $id) { id status cancelReason } }",
+            json!({"id": id}),
+        )
+        .await
+    }
+}
+
+/// The `extensions.code` of the first error.
+pub fn code(v: &Value) -> &str {
+    v["errors"][0]["extensions"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}"))
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs one test body against SQLite and Postgres (skipped, and said so,
+/// when `TEST_DATABASE_URL` is not set).
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident => $body:expr;)+) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let app = common::spawn_app(common::Backend::Sqlite).await;
+                    ($body)(app).await;
+                }
+            )+
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if common::postgres_url().is_none() {
+                        eprintln!("skipped: TEST_DATABASE_URL is not set, so the Postgres suite does not run");
+                        return;
+                    }
+                    let app = common::spawn_app(common::Backend::Postgres).await;
+                    ($body)(app).await;
+                }
+            )+
+        }
+    };
+}
