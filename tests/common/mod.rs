@@ -4,6 +4,7 @@
 //! websockets like any client.
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod ws;
 
 use std::{future::Future, sync::Arc, time::Duration};

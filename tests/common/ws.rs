@@ -199,7 +199,12 @@ impl WsClient {
 
     /// The payload of the next data message for subscription `id`.
     pub async fn next_data(&mut self, id: &str) -> Value {
-        let v = self.next_json().await.expect("socket open");
+        self.next_data_within(id, Duration::from_secs(10)).await
+    }
+
+    /// Like `next_data`, waiting at most `limit`.
+    pub async fn next_data_within(&mut self, id: &str, limit: Duration) -> Value {
+        let v = self.next(limit).await.expect("socket open");
         let kind = if self.legacy { "data" } else { "next" };
         assert_eq!(v["type"], kind, "expected {kind}: {v}");
         assert_eq!(v["id"], id);

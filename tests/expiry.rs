@@ -1,0 +1,344 @@
+//! The expiry pipeline end to end: Redis expiry hashes, the keyspace
+//! listener, the nudger, the sweep, exactly-once cancellation and events.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{code, redis::PrivateRedis, ws::WsClient, Backend, TestApp, ADMIN};
+use serde_json::{json, Value};
+
+const CANCELLED_SUB: &str = "subscription { orderCancelled { reason cancelledAt order { id status } } }";
+
+/// An admin subscriber to every cancellation.
+async fn watcher(app: &TestApp) -> WsClient {
+    let mut ws = WsClient::init(&app.ws_url, "graphql-transport-ws", Some(ADMIN)).await;
+    ws.subscribe("all", CANCELLED_SUB, json!({})).await;
+    // the subscription is live once the server has read it; a ping round
+    // trip after it proves that
+    ws.send(json!({"type": "ping"})).await;
+    ws
+}
+
+/// Collects `n` cancellation events, then asserts no more arrive for a second.
+async fn collect_events(ws: &mut WsClient, n: usize, limit: Duration) -> HashMap<String, Value> {
+    let mut seen: HashMap<String, Value> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(!left.is_zero(), "only {} of {n} events arrived", seen.len());
+        let p = ws.next_data_within("all", left).await;
+        let e = p["data"]["orderCancelled"].clone();
+        let id = e["order"]["id"].as_str().unwrap().to_string();
+        assert!(seen.insert(id.clone(), e).is_none(), "a second event for {id}");
+    }
+    ws.assert_silent(Duration::from_secs(1)).await;
+    seen
+}
+
+async fn status(app: &TestApp, id: &str) -> Value {
+    app.order(ADMIN, id).await
+}
+
+both_stores! {
+    an_unpaid_order_is_cancelled_by_the_listener_soon_after_its_deadline => |app: TestApp| async move {
+        // the sweep runs once an hour here: only the keyspace event can cancel in time
+        let app = app_with(app, |c| c.order_ttl = Duration::from_secs(1)).await;
+        let a = app.create_product("A", 100, 10).await;
+        let (token, _) = app.customer().await;
+        let mut ws = watcher(&app).await;
+        let id = app.order_id(&token, &[(&a, 3)]).await;
+        assert_eq!(app.stock(&a).await, 7);
+        let events = collect_events(&mut ws, 1, Duration::from_secs(5)).await;
+        let e = &events[&id];
+        assert_eq!(e["reason"], "EXPIRED");
+        let o = status(&app, &id).await;
+        assert_eq!(o["status"], "CANCELLED");
+        let lag = chrono::DateTime::parse_from_rfc3339(o["cancelledAt"].as_str().unwrap()).unwrap()
+            - chrono::DateTime::parse_from_rfc3339(o["expiresAt"].as_str().unwrap()).unwrap();
+        assert!(lag.num_milliseconds() < 1000, "cancelled {lag} after the deadline");
+        assert_eq!(app.stock(&a).await, 10);
+    };
+
+    a_paid_order_is_never_cancelled => |app: TestApp| async move {
+        let app = app_with(app, |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(300); }).await;
+        let a = app.create_product("A", 100, 10).await;
+        let (token, _) = app.customer().await;
+        let id = app.order_id(&token, &[(&a, 2)]).await;
+        assert_eq!(app.pay(&token, &id).await["data"]["payOrder"]["status"], "PAID");
+        let mut ws = watcher(&app).await;
+        ws.assert_silent(Duration::from_millis(1800)).await;
+        assert_eq!(status(&app, &id).await["status"], "PAID");
+        assert_eq!(app.stock(&a).await, 8);
+    };
+
+    paying_at_the_deadline_ends_paid_or_cancelled_never_both => |app: TestApp| async move {
+        let app = app_with(app, |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(500); }).await;
+        let a = app.create_product("A", 100, 10_000).await;
+        let (token, _) = app.customer().await;
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            ids.push(app.order_id(&token, &[(&a, 3)]).await);
+        }
+        let expires = chrono::DateTime::parse_from_rfc3339(status(&app, &ids[20]).await["expiresAt"].as_str().unwrap()).unwrap();
+        let wait = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait.saturating_sub(Duration::from_millis(15))).await;
+        let mut tasks = Vec::new();
+        for id in &ids {
+            let (url, token, id) = (app.url.clone(), token.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                let v: Value = reqwest::Client::new().post(format!("{url}/graphql")).bearer_auth(token)
+                    .json(&json!({"query": "mutation($id: ID!) { payOrder(id: $id) { status } }", "variables": {"id": id}}))
+                    .send().await.unwrap().json().await.unwrap();
+                v
+            }));
+        }
+        for t in tasks {
+            let v = t.await.unwrap();
+            assert!(v["data"]["payOrder"]["status"] == "PAID" || code(&v) == "ORDER_NOT_PENDING", "{v}");
+        }
+        let finals = common::eventually(Duration::from_secs(5), || async {
+            let mut all = Vec::new();
+            for id in &ids {
+                let o = status(&app, id).await;
+                if o["status"] == "PENDING_PAYMENT" { return None; }
+                all.push(o);
+            }
+            Some(all)
+        }).await;
+        let mut paid = 0;
+        for o in &finals {
+            match o["status"].as_str().unwrap() {
+                "PAID" => { paid += 1; assert!(o["cancelledAt"].is_null()); }
+                "CANCELLED" => assert!(o["paidAt"].is_null()),
+                s => panic!("{s}"),
+            }
+        }
+        assert_eq!(app.stock(&a).await, 10_000 - 3 * paid);
+    };
+}
+
+/// Rebuilds a test app with a different configuration on the same kind of
+/// database (a fresh one).
+async fn app_with(app: TestApp, tweak: impl FnOnce(&mut shopgraph::Config)) -> TestApp {
+    let backend = if app.config.database_url.starts_with("sqlite") { Backend::Sqlite } else { Backend::Postgres };
+    app.stop().await;
+    common::spawn_app_with(backend, tweak).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_expires_on_time_while_a_hundred_thousand_others_are_pending() {
+    let app = common::spawn_app_with(Backend::Sqlite, |c| c.order_ttl = Duration::from_secs(2)).await;
+    // 100,000 other orders pending in Redis with long TTLs, as the server writes them
+    let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = app.config.redis_key_prefix.clone();
+    let far = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    for chunk in 0..100 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            let id = 10_000_000 + chunk * 1000 + i;
+            let key = format!("{prefix}order:{id}");
+            pipe.hset(&key, "customer", "cus_1")
+                .ignore()
+                .pexpire_at(&key, far)
+                .ignore()
+                .zadd(format!("{prefix}deadlines"), id, far)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    let id = app.order_id(&token, &[(&a, 1)]).await;
+    collect_events(&mut ws, 1, Duration::from_secs(6)).await;
+    let o = status(&app, &id).await;
+    let lag = chrono::DateTime::parse_from_rfc3339(o["cancelledAt"].as_str().unwrap()).unwrap()
+        - chrono::DateTime::parse_from_rfc3339(o["expiresAt"].as_str().unwrap()).unwrap();
+    assert!(lag.num_milliseconds() < 1000, "cancelled {lag} after the deadline");
+    // clean up the shared Redis
+    let _: () = redis::cmd("UNLINK").arg(format!("{prefix}deadlines")).query_async(&mut conn).await.unwrap();
+    for chunk in 0..100 {
+        let keys: Vec<String> = (0..1000).map(|i| format!("{prefix}order:{}", 10_000_000 + chunk * 1000 + i)).collect();
+        let _: () = redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paying_after_the_deadline_fails_even_before_any_cancellation_ran() {
+    let mut redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let id = app.order_id(&token, &[(&a, 1)]).await;
+    // no Redis, an hour-long sweep: nothing can cancel it
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(code(&app.pay(&token, &id).await), "ORDER_NOT_PENDING");
+    assert_eq!(status(&app, &id).await["status"], "PENDING_PAYMENT");
+}
+
+/// Redis dies with orders pending and comes back empty: the sweep cancels
+/// every order once, and every event reaches subscribers once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_loses_no_cancellation_and_no_event() {
+    if common::postgres_url().is_none() {
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    }
+    let mut redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Postgres, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(2);
+        c.sweep_interval = Duration::from_secs(2);
+    })
+    .await;
+    let other = app.sibling().await;
+    let a = app.create_product("A", 100, 100).await;
+    let (token, _) = app.customer().await;
+    // the subscriber is on the other instance: its events must travel through Redis
+    let mut ws = watcher(&other).await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(app.order_id(&token, &[(&a, 2)]).await);
+    }
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart().await;
+    let events = collect_events(&mut ws, ids.len(), Duration::from_secs(20)).await;
+    for id in &ids {
+        assert_eq!(events[id]["reason"], "EXPIRED");
+        assert_eq!(status(&app, id).await["status"], "CANCELLED");
+    }
+    assert_eq!(app.stock(&a).await, 100);
+    other.stop().await;
+}
+
+/// The listener's connection is killed again and again while orders expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_listener_connection_repeatedly_misses_nothing_and_doubles_nothing() {
+    let redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(2);
+        c.sweep_interval = Duration::from_secs(3);
+    })
+    .await;
+    let a = app.create_product("A", 100, 1000).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(app.order_id(&token, &[(&a, 1)]).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = redis.conn().await;
+    for _ in 0..8 {
+        let _: redis::Value =
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let events = collect_events(&mut ws, ids.len(), Duration::from_secs(15)).await;
+    assert_eq!(events.len(), ids.len());
+    assert_eq!(app.stock(&a).await, 1000);
+}
+
+/// Three instances on one Postgres and one Redis: 300 orders expire, each is
+/// cancelled once, with one event each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_cancel_each_expired_order_exactly_once() {
+    if common::postgres_url().is_none() {
+        eprintln!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    }
+    let app = common::spawn_app_with(Backend::Postgres, |c| {
+        c.order_ttl = Duration::from_secs(3);
+        c.sweep_interval = Duration::from_secs(2);
+    })
+    .await;
+    let b = app.sibling().await;
+    let c = app.sibling().await;
+    let a = app.create_product("A", 100, 1000).await;
+    let mut customers = Vec::new();
+    for _ in 0..3 {
+        customers.push(app.customer().await.0);
+    }
+    let mut ws_b = watcher(&b).await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let url = [&app.url, &b.url, &c.url][i % 3].clone();
+        let token = customers[i % 3].clone();
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let v: Value = reqwest::Client::new().post(format!("{url}/graphql")).bearer_auth(token)
+                .json(&json!({"query": "mutation($p: ID!) { createOrder(input: {lines: [{productId: $p, quantity: 2}]}) { id } }", "variables": {"p": a}}))
+                .send().await.unwrap().json().await.unwrap();
+            v["data"]["createOrder"]["id"].as_str().unwrap().to_string()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    assert_eq!(app.stock(&a).await, 400);
+    let events = collect_events(&mut ws_b, 300, Duration::from_secs(30)).await;
+    assert_eq!(events.len(), 300);
+    assert_eq!(app.stock(&a).await, 1000);
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_turns_on_keyspace_notifications_when_they_are_off() {
+    let redis = PrivateRedis::start(&["--notify-keyspace-events", ""]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let mut conn = redis.conn().await;
+    let flags: Vec<String> = common::eventually(Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            let v: Vec<String> =
+                redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut conn).await.ok()?;
+            (v[1].contains('E') && v[1].contains('x')).then_some(v)
+        }
+    })
+    .await;
+    assert!(flags[1].contains('x'));
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    app.order_id(&token, &[(&a, 1)]).await;
+    collect_events(&mut ws, 1, Duration::from_secs(5)).await;
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_config_is_refused_the_sweep_still_cancels() {
+    let redis = PrivateRedis::start(&["--notify-keyspace-events", "", "--rename-command", "CONFIG", ""]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(1);
+        c.sweep_interval = Duration::from_millis(500);
+    })
+    .await;
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    let id = app.order_id(&token, &[(&a, 4)]).await;
+    let events = collect_events(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(events[&id]["reason"], "EXPIRED");
+    assert_eq!(app.stock(&a).await, 10);
+}
