@@ -21,6 +21,42 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// `place_order` as one statement. `locked` takes the row locks in product
+/// id order (the order every transaction here uses, so none deadlock) and
+/// reads the latest stock; `ok` checks every line; `taken`, `o` and `l`
+/// write only when `ok`. The rows returned are the products as locked (stock
+/// before the order), with the new order's id or NULL.
+const PLACE_ORDER: &str = "
+WITH req AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty)
+), locked AS (
+    SELECT p.id, p.stock, p.price_cents, p.currency, req.qty
+    FROM products p JOIN req ON p.id = req.pid
+    ORDER BY p.id
+    FOR UPDATE OF p
+), ok AS (
+    SELECT count(*) = $3
+       AND bool_and(stock >= qty)
+       AND count(DISTINCT currency) = 1
+       AND sum(price_cents::bigint * qty) <= $9 AS ok,
+       sum(price_cents::bigint * qty) AS total,
+       min(currency) AS currency
+    FROM locked
+), taken AS (
+    UPDATE products p SET stock = p.stock - locked.qty
+    FROM locked, ok
+    WHERE ok.ok AND p.id = locked.id
+), o AS (
+    INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
+    SELECT $4, 'PENDING_PAYMENT', ok.total, ok.currency, $5, $6, $7, $8 FROM ok WHERE ok.ok
+    RETURNING id
+), l AS (
+    INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
+    SELECT o.id, locked.id, locked.qty, locked.price_cents FROM o, locked
+)
+SELECT locked.id, locked.stock, locked.price_cents, locked.currency, (SELECT id FROM o) AS order_id
+FROM locked";
+
 const ORDER_COLUMNS: &str =
     "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
 
@@ -171,6 +207,10 @@ impl PgStore {
         Ok(order.map(|order| Placed { order, created: false }))
     }
 
+    /// Places an order in one statement, so one round trip: lock the lines'
+    /// products in id order, check them all, and only if every check passes
+    /// take the stock and insert the order and its lines. Either all of it
+    /// happens or nothing does; the returned rows say why not.
     async fn try_place(
         &self,
         customer: CustomerId,
@@ -180,71 +220,48 @@ impl PgStore {
     ) -> Result<Order, PlaceError> {
         let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
         let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
-        let mut tx = self.pool.begin().await?;
-        // One statement takes every line's stock, each only if enough is
-        // free; lines come sorted by product id.
-        let taken = sqlx::query(
-            "UPDATE products p SET stock = p.stock - r.qty
-             FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty) ORDER BY pid) r
-             WHERE p.id = r.pid AND p.stock >= r.qty
-             RETURNING p.id, p.price_cents, p.currency",
-        )
-        .bind(&pids)
-        .bind(&qtys)
-        .fetch_all(&mut *tx)
-        .await?;
-        if taken.len() < pids.len() {
-            tx.rollback().await?;
-            return Err(self.why_not_taken(request).await);
+        let rows = sqlx::query(PLACE_ORDER)
+            .bind(&pids)
+            .bind(&qtys)
+            .bind(pids.len() as i64)
+            .bind(customer.0)
+            .bind(now)
+            .bind(expires_at)
+            .bind(request.idempotency_key.as_deref())
+            .bind(fingerprint(request))
+            .bind(crate::domain::MAX_TOTAL_CENTS)
+            .fetch_all(&self.pool)
+            .await?;
+        let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
+        let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
         }
-        let mut prices: HashMap<i64, (i32, String)> = HashMap::with_capacity(taken.len());
-        for row in &taken {
-            prices.insert(row.try_get("id")?, (row.try_get("price_cents")?, row.try_get("currency")?));
-        }
-        let currency = prices[&pids[0]].1.clone();
-        if prices.values().any(|(_, c)| *c != currency) {
-            return Err(PlaceError::MixedCurrencies);
-        }
-        let unit_prices: Vec<i32> = pids.iter().map(|p| prices[p].0).collect();
-        let total: i64 = unit_prices.iter().zip(&qtys).map(|(p, q)| *p as i64 * *q as i64).sum();
-        if total > crate::domain::MAX_TOTAL_CENTS {
+        let Some(id) = order_id else {
+            if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
+                return Err(PlaceError::UnknownProduct(*p));
+            }
+            if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
+                return Err(PlaceError::InsufficientStock(*p));
+            }
+            let currency = &found[&pids[0]].2;
+            if found.values().any(|(_, _, c)| c != currency) {
+                return Err(PlaceError::MixedCurrencies);
+            }
             return Err(PlaceError::TotalTooLarge);
-        }
-        let id: i64 = sqlx::query_scalar(
-            "WITH o AS (
-                INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
-                VALUES ($1, 'PENDING_PAYMENT', $2, $3, $4, $5, $6, $7) RETURNING id
-             ), l AS (
-                INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
-                SELECT o.id, r.pid, r.qty, r.price FROM o, unnest($8::bigint[], $9::int[], $10::int[]) AS r(pid, qty, price)
-             )
-             SELECT id FROM o",
-        )
-        .bind(customer.0)
-        .bind(total)
-        .bind(&currency)
-        .bind(now)
-        .bind(expires_at)
-        .bind(request.idempotency_key.as_deref())
-        .bind(fingerprint(request))
-        .bind(&pids)
-        .bind(&qtys)
-        .bind(&unit_prices)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        };
+        let lines: Vec<OrderLine> = request
+            .lines
+            .iter()
+            .map(|(p, q)| OrderLine { product_id: *p, quantity: q.0, unit_price_cents: found[&p.0].1 })
+            .collect();
         Ok(Order {
             id: OrderId(id),
             customer_id: customer,
             status: OrderStatus::PendingPayment,
-            lines: pids
-                .iter()
-                .zip(&qtys)
-                .zip(&unit_prices)
-                .map(|((p, q), u)| OrderLine { product_id: ProductId(*p), quantity: *q, unit_price_cents: *u })
-                .collect(),
-            total_cents: total,
-            currency,
+            total_cents: lines.iter().map(|l| l.unit_price_cents as i64 * l.quantity as i64).sum(),
+            lines,
+            currency: found[&pids[0]].2.clone(),
             // what the database stores (microsecond precision)
             created_at: truncate_micros(now),
             expires_at: truncate_micros(expires_at),
@@ -252,26 +269,6 @@ impl PgStore {
             cancelled_at: None,
             cancel_reason: None,
         })
-    }
-
-    /// After a failed take: the first line whose product is missing or short.
-    async fn why_not_taken(&self, request: &OrderRequest) -> PlaceError {
-        let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
-        let rows = match sqlx::query("SELECT id, stock FROM products WHERE id = ANY($1)")
-            .bind(&pids)
-            .fetch_all(&self.pool)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => return e.into(),
-        };
-        let stock: HashMap<i64, i32> = rows.iter().map(|r| (r.get("id"), r.get("stock"))).collect();
-        if let Some((p, _)) = request.lines.iter().find(|(p, _)| !stock.contains_key(&p.0)) {
-            return PlaceError::UnknownProduct(*p);
-        }
-        let short =
-            request.lines.iter().find(|(p, q)| stock[&p.0] < q.0).map(|(p, _)| *p).unwrap_or(request.lines[0].0);
-        PlaceError::InsufficientStock(short)
     }
 
     async fn order_for(&self, id: OrderId, owner: Owner) -> Result<Option<Order>, StoreError> {
