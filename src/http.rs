@@ -1,13 +1,18 @@
 //! The axum router: `/graphql` (HTTP and websocket), `/graphiql`,
 //! `/healthz`, `/readyz`, `/metrics`, `/demo/`.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
     body::Bytes,
     extract::{ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Redirect, Response},
     routing::get,
     Json, Router,
@@ -42,6 +47,8 @@ pub struct HttpState {
     pub ws_permits: Arc<Semaphore>,
     /// Cancelled at shutdown: websockets close with 1001.
     pub shutdown: CancellationToken,
+    /// Bound on one HTTP request, body upload included (`REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -65,7 +72,22 @@ pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
         .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
         .nest_service("/demo/", demo)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.request_timeout, request_timeout))
         .with_state(state)
+}
+
+/// Answers 408 (with a coded GraphQL error) when a request, its body upload
+/// included, takes longer than `REQUEST_TIMEOUT`. A websocket upgrade is
+/// answered at once, so the socket itself is not bound by it.
+async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => error_body(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("the request did not complete within {}", humantime::format_duration(limit)),
+            errors::INTERNAL,
+        ),
+    }
 }
 
 fn error_body(status: StatusCode, message: &str, code: &str) -> Response {
@@ -202,7 +224,14 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
 }
 
 fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
-    let upgrade = upgrade.protocols(Protocol::NAMES).max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE);
+    // Small buffers: they are allocated per connection up front, and
+    // subscription traffic is small messages (tungstenite's default is 128 KiB).
+    let upgrade = upgrade
+        .protocols(Protocol::NAMES)
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
     let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
     let permit = state.ws_permits.clone().try_acquire_owned();
     upgrade.on_upgrade(move |mut socket| async move {

@@ -342,3 +342,30 @@ async fn where_config_is_refused_the_sweep_still_cancels() {
     assert_eq!(events[&id]["reason"], "EXPIRED");
     assert_eq!(app.stock(&a).await, 10);
 }
+
+/// Redis's clock may run ahead of the database's: an `expired` event that
+/// arrives before the order's deadline is checked again at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_event_before_the_database_deadline_is_rechecked_at_the_deadline() {
+    let app = common::spawn_app_with(Backend::Sqlite, |c| c.order_ttl = Duration::from_secs(2)).await;
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    let id = app.order_id(&token, &[(&a, 1)]).await;
+    // make Redis expire the key now, two seconds early
+    let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}order:{}", app.config.redis_key_prefix, id.trim_start_matches("ord_"));
+    let _: () = redis::cmd("PEXPIRE").arg(&key).arg(1).query_async(&mut conn).await.unwrap();
+    let _: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.unwrap();
+    // not cancelled early...
+    ws.assert_silent(Duration::from_millis(1200)).await;
+    assert_eq!(status(&app, &id).await["status"], "PENDING_PAYMENT");
+    // ...but at its deadline, though no key is left to expire and the sweep is an hour away
+    let events = collect_events(&mut ws, 1, Duration::from_secs(3)).await;
+    assert_eq!(events[&id]["reason"], "EXPIRED");
+    let o = status(&app, &id).await;
+    let lag = chrono::DateTime::parse_from_rfc3339(o["cancelledAt"].as_str().unwrap()).unwrap()
+        - chrono::DateTime::parse_from_rfc3339(o["expiresAt"].as_str().unwrap()).unwrap();
+    assert!((0..500).contains(&lag.num_milliseconds()), "cancelled {lag} after the deadline");
+}
