@@ -49,6 +49,10 @@ both_stores! {
         assert_eq!(code(&app.gql(Some(ADMIN), restock, json!({"id": id, "q": 0})).await), "BAD_USER_INPUT");
         assert_eq!(code(&app.gql(Some(ADMIN), restock, json!({"id": "prd_999999", "q": 1})).await), "NOT_FOUND");
         assert_eq!(code(&app.gql(Some(ADMIN), restock, json!({"id": "banana", "q": 1})).await), "BAD_USER_INPUT");
+        let full = app.create_product("FULL", 100, 2_147_000_000).await;
+        let v = app.gql(Some(ADMIN), restock, json!({"id": full, "q": 1_000_000})).await;
+        assert_eq!(code(&v), "BAD_USER_INPUT", "{v}");
+        assert_eq!(app.stock(&full).await, 2_147_000_000);
     };
 
     invalid_products_are_refused_and_nothing_is_created => |app: TestApp| async move {

@@ -134,17 +134,16 @@ impl Mutation {
         if !(1..=1_000_000).contains(&quantity) {
             return Err(ShopError::Invalid(crate::domain::invalid("quantity must be between 1 and 1000000")).into());
         }
-        let product = services(ctx)
-            .store
-            .restock_product(id, quantity)
-            .await
-            .map_err(|e| match e {
-                StoreError::Database(_) => {
-                    ShopError::Invalid(crate::domain::invalid("the stock would exceed 2147483647"))
-                }
-                e => ShopError::Store(e),
-            })?
-            .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;
+        let store = &services(ctx).store;
+        let product = match store.restock_product(id, quantity).await? {
+            Some(p) => p,
+            None if store.products_by_ids(&[id]).await?.is_empty() => {
+                return Err(ShopError::NotFound(format!("product {id}")).into())
+            }
+            None => {
+                return Err(ShopError::Invalid(crate::domain::invalid("the stock would exceed 2147483647 units")).into())
+            }
+        };
         Ok(ProductNode(product))
     }
 

@@ -116,6 +116,7 @@ pub trait Store: Send + Sync + 'static {
     async fn customers_by_ids(&self, ids: &[CustomerId]) -> Result<Vec<Customer>, StoreError>;
 
     async fn create_product(&self, product: &NewProduct) -> Result<Product, StoreError>;
+    /// Adds `quantity`; `None` when the product is missing or its stock would overflow.
     async fn restock_product(&self, id: ProductId, quantity: i32) -> Result<Option<Product>, StoreError>;
     async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError>;
     /// Oldest first, after the given id; at most `limit` rows.

@@ -254,7 +254,8 @@ impl Store for SqliteStore {
 
     async fn restock_product(&self, id: ProductId, quantity: i32) -> Result<Option<Product>, StoreError> {
         let row = sqlx::query(
-            "UPDATE products SET stock = stock + ?2 WHERE id = ?1 RETURNING id, sku, name, price_cents, currency, stock",
+            "UPDATE products SET stock = stock + ?2 WHERE id = ?1 AND stock <= 2147483647 - ?2
+             RETURNING id, sku, name, price_cents, currency, stock",
         )
         .bind(id.0)
         .bind(quantity)
