@@ -1,7 +1,8 @@
-//! The safety net: every `SWEEP_INTERVAL`, at start and right after the
-//! listener reconnects, cancel every pending order past its deadline, in
-//! set-based batches. On Postgres, `SKIP LOCKED` lets instances split a
-//! backlog instead of queueing on the same rows.
+//! The safety net: every `SWEEP_INTERVAL`, at start, right after the
+//! listener reconnects and a second after a failed sweep, cancel every
+//! pending order past its deadline, in set-based batches. On Postgres,
+//! `SKIP LOCKED` lets instances split a backlog instead of queueing on the
+//! same rows.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,17 +14,28 @@ use crate::orders::Orders;
 
 /// Orders cancelled per transaction.
 pub const SWEEP_BATCH: usize = 1000;
+/// After a failed sweep (database away), the next try comes this soon (or
+/// after `SWEEP_INTERVAL`, if shorter), so that expiries missed during an
+/// outage are applied about a second after the database is back.
+pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 pub async fn run(orders: Arc<Orders>, every: Duration, sweep_now: Arc<Notify>, shutdown: CancellationToken) {
     loop {
-        match orders.sweep_once(chrono::Utc::now(), SWEEP_BATCH).await {
-            Ok(0) => {}
-            Ok(n) => info!(cancelled = n, "sweep cancelled overdue orders"),
-            Err(e) => warn!(error = %e, "sweep failed; retrying next interval"),
-        }
+        let wait = match orders.sweep_once(chrono::Utc::now(), SWEEP_BATCH).await {
+            Ok(0) => every,
+            Ok(n) => {
+                info!(cancelled = n, "sweep cancelled overdue orders");
+                every
+            }
+            Err(e) => {
+                let wait = every.min(RETRY_AFTER_ERROR);
+                warn!(error = %e, retry_in = ?wait, "sweep failed; retrying soon");
+                wait
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = sweep_now.notified() => {}
         }
     }

@@ -4,6 +4,8 @@
 //! websockets like any client.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod pg_cluster;
 pub mod redis;
 pub mod ws;
 

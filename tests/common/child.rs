@@ -1,0 +1,164 @@
+//! The real `shopgraph` binary as a child process, configured by environment
+//! variables like a deployment: its own stdout (the `listening on` line),
+//! its stderr in a file (the logs), its own `/metrics`, killable with SIGKILL.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+/// Every setting the binary reads, cleared from the inherited environment so
+/// that only what a test passes applies.
+const SETTINGS: &[&str] = &[
+    "DATABASE_URL",
+    "REDIS_URL",
+    "REDIS_KEY_PREFIX",
+    "LISTEN_ADDR",
+    "ORDER_TTL",
+    "SWEEP_INTERVAL",
+    "ADMIN_TOKEN",
+    "JWT_SECRET",
+    "JWT_LIFETIME",
+    "DB_MAX_CONNECTIONS",
+    "DB_TIMEOUT",
+    "NUDGE_INTERVAL",
+    "WS_MAX_CONNECTIONS",
+    "WS_MAX_SUBSCRIPTIONS",
+    "WS_INIT_TIMEOUT",
+    "REQUEST_TIMEOUT",
+    "INTROSPECTION",
+    "DEMO_DIR",
+    "AUTH_RATE_LIMIT",
+    "LOG_FORMAT",
+    "RUST_LOG",
+];
+
+pub struct ChildServer {
+    pub url: String,
+    pub ws_url: String,
+    pub http: reqwest::Client,
+    pub pid: u32,
+    child: Option<Child>,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildServer {
+    /// Starts `shopgraph serve` on a free port with these settings on top of
+    /// `LISTEN_ADDR=127.0.0.1:0` and `RUST_LOG=info`; returns once it printed
+    /// `listening on http://…`.
+    pub async fn start(env: &[(&str, String)]) -> ChildServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr = dir.path().join("stderr.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopgraph"));
+        for var in SETTINGS {
+            cmd.env_remove(var);
+        }
+        cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("the shopgraph binary starts");
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // reads to the end, so the child never blocks on a full pipe
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .expect("reader thread")
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the child did not print `listening on`; stderr:\n{}", read(&stderr))
+            });
+        let ws_url = format!("{}/graphql", url.replacen("http://", "ws://", 1));
+        ChildServer { url, ws_url, http: reqwest::Client::new(), pid, child: Some(child), stderr, _dir: dir }
+    }
+
+    /// Everything the child wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        read(&self.stderr)
+    }
+
+    /// SIGKILL: no shutdown of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (at most 20 s) for the exit; true when it exited 0.
+    pub async fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let status = tokio::task::spawn_blocking(move || {
+            for _ in 0..400 {
+                if let Ok(Some(s)) = c.try_wait() {
+                    return Some(s);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            None
+        })
+        .await
+        .unwrap();
+        status.is_some_and(|s| s.success())
+    }
+
+    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut req =
+            self.http.post(format!("{}/graphql", self.url)).json(&json!({"query": query, "variables": variables}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request sent").json().await.expect("JSON response")
+    }
+
+    pub async fn data(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let v = self.gql(token, query, variables).await;
+        assert!(v.get("errors").is_none(), "unexpected errors: {v}");
+        v["data"].clone()
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+    }
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of a metric line `name{labels} value` (labels exactly as
+/// rendered, `""` for none); `None` when the series is absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series).and_then(|(_, v)| v.parse().ok()))
+}

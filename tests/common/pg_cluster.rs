@@ -1,0 +1,151 @@
+//! A private PostgreSQL cluster on a free port, for tests that stop and
+//! restart the database without disturbing the shared one. Needs the
+//! PostgreSQL 15 binaries and root (to run them as the `postgres` user);
+//! `start` returns `None` where either is missing, and the test says it is
+//! skipped.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct PrivatePostgres {
+    pub port: u16,
+    /// `postgres://postgres@127.0.0.1:<port>/postgres` (trust auth).
+    pub url: String,
+    dir: tempfile::TempDir,
+    running: bool,
+}
+
+fn as_postgres(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser")
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> Option<PrivatePostgres> {
+        let root = Command::new("id").arg("-u").output().ok().is_some_and(|o| o.stdout.trim_ascii() == b"0");
+        let has_user = Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success());
+        if !root || !has_user || !Path::new(BIN).join("pg_ctl").exists() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ok = Command::new("chown").arg("postgres:").arg(dir.path()).status().is_ok_and(|s| s.success());
+        assert!(ok, "chown the cluster directory to postgres");
+        let p = PrivatePostgres {
+            port,
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            running: false,
+        };
+        let data = p.data();
+        let initdb = format!("{BIN}/initdb");
+        let out = tokio::task::spawn_blocking({
+            let dir = p.dir.path().to_path_buf();
+            move || {
+                as_postgres(
+                    &dir,
+                    &[
+                        &initdb,
+                        "-D",
+                        data.to_str().unwrap(),
+                        "-A",
+                        "trust",
+                        "-U",
+                        "postgres",
+                        "--no-sync",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                    ],
+                )
+            }
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut p = p;
+        p.resume().await;
+        Some(p)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the server (again) on the same port and data; returns once it
+    /// accepts connections.
+    pub async fn resume(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        let data = self.data();
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=60",
+            self.port,
+            dir.display()
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            let log = dir.join("postgres.log");
+            as_postgres(
+                &dir,
+                &[
+                    &format!("{BIN}/pg_ctl"),
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-o",
+                    &opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+            )
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stdout));
+        self.running = true;
+    }
+
+    /// Stops the server (`fast`: open connections are dropped); returns once
+    /// it is down.
+    pub async fn stop(&mut self) {
+        self.pg_ctl_stop("fast").await;
+    }
+
+    async fn pg_ctl_stop(&mut self, mode: &'static str) {
+        if !self.running {
+            return;
+        }
+        let dir = self.dir.path().to_path_buf();
+        let data = self.data();
+        let out = tokio::task::spawn_blocking(move || {
+            as_postgres(&dir, &[&format!("{BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"])
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.running = false;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if self.running {
+            let data = self.data();
+            let _ = as_postgres(
+                self.dir.path(),
+                &[&format!("{BIN}/pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            );
+        }
+    }
+}
