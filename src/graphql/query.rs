@@ -55,7 +55,7 @@ impl Query {
         let id = OrderId::parse(&id)?;
         let owner = identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))?;
         let order = services(ctx).store.order(id).await?;
-        Ok(order.filter(|o| owner.is_none_or(|c| c == o.customer_id)).map(OrderNode))
+        Ok(crate::store::visible(order, owner).map(OrderNode))
     }
 
     /// Your orders (admin: all), newest first, optionally of one status.

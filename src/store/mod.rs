@@ -182,6 +182,40 @@ pub async fn connect(
     }
 }
 
+/// The order if `owner` may see it: an order that is not yours is reported
+/// exactly like one that does not exist.
+pub fn visible(order: Option<Order>, owner: Owner) -> Option<Order> {
+    order.filter(|o| owner.is_none_or(|c| c == o.customer_id))
+}
+
+/// What a payment that changed no row means, given the order as it is.
+pub(crate) fn pay_refused(order: Option<Order>) -> PayOutcome {
+    match order {
+        Some(order) => PayOutcome::NotPending(order),
+        None => PayOutcome::NotFound,
+    }
+}
+
+/// What a cancellation that changed no row means, given the order as it is.
+pub(crate) fn cancel_refused(order: Option<Order>) -> CancelOutcome {
+    match order {
+        Some(o) if o.status == OrderStatus::Cancelled => CancelOutcome::AlreadyCancelled(o),
+        Some(o) => CancelOutcome::NotPending(o),
+        None => CancelOutcome::NotFound,
+    }
+}
+
+/// Gives each order its lines, from `(order id, line)` pairs.
+pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(i64, crate::domain::OrderLine)>) {
+    let mut by_order: std::collections::HashMap<i64, Vec<crate::domain::OrderLine>> = Default::default();
+    for (order_id, line) in lines {
+        by_order.entry(order_id).or_default().push(line);
+    }
+    for o in orders {
+        o.lines = by_order.remove(&o.id.0).unwrap_or_default();
+    }
+}
+
 /// The canonical text of an order's lines, to compare idempotent retries.
 pub(crate) fn fingerprint(request: &OrderRequest) -> String {
     request.lines.iter().map(|(p, q)| format!("{}x{}", p.0, q.0)).collect::<Vec<_>>().join(",")

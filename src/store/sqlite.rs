@@ -5,7 +5,7 @@
 //! `SQLITE_BUSY`) while reads use their own pool over WAL. Times are UTC unix
 //! milliseconds; id lists travel as JSON arrays (`json_each`).
 
-use std::{collections::HashMap, str::FromStr, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,7 +14,10 @@ use sqlx::{
     Row, Sqlite, SqlitePool, Transaction,
 };
 
-use super::{fingerprint, CancelOutcome, ExpiredBatch, Owner, PayOutcome, PlaceError, Placed, Store, StoreError};
+use super::{
+    attach_lines, cancel_refused, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner, PayOutcome,
+    PlaceError, Placed, Store, StoreError,
+};
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
     OrderStatus, Product, ProductId,
@@ -108,17 +111,20 @@ where
     .bind(json_ids(orders.iter().map(|o| o.id.0)))
     .fetch_all(exec)
     .await?;
-    let mut by_order: HashMap<i64, Vec<OrderLine>> = HashMap::new();
-    for row in rows {
-        by_order.entry(row.try_get("order_id")?).or_default().push(OrderLine {
-            product_id: ProductId(row.try_get("product_id")?),
-            quantity: row.try_get("quantity")?,
-            unit_price_cents: row.try_get("unit_price_cents")?,
-        });
-    }
-    for o in &mut orders {
-        o.lines = by_order.remove(&o.id.0).unwrap_or_default();
-    }
+    let lines = rows
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("order_id")?,
+                OrderLine {
+                    product_id: ProductId(row.try_get("product_id")?),
+                    quantity: row.try_get("quantity")?,
+                    unit_price_cents: row.try_get("unit_price_cents")?,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    attach_lines(&mut orders, lines);
     Ok(orders)
 }
 
@@ -180,10 +186,6 @@ impl SqliteStore {
         }
         let order = self.order(OrderId(row.try_get("id")?)).await?;
         Ok(order.map(|order| Placed { order, created: false }))
-    }
-
-    async fn order_for(&self, id: OrderId, owner: Owner) -> Result<Option<Order>, StoreError> {
-        Ok(self.order(id).await?.filter(|o| owner.is_none_or(|c| c == o.customer_id)))
     }
 }
 
@@ -434,10 +436,7 @@ impl Store for SqliteStore {
         .await?;
         let Some(row) = row else {
             tx.rollback().await?;
-            return Ok(match self.order_for(id, owner).await? {
-                Some(order) => PayOutcome::NotPending(order),
-                None => PayOutcome::NotFound,
-            });
+            return Ok(pay_refused(visible(self.order(id).await?, owner)));
         };
         let orders = with_lines(&mut *tx, vec![order_from(&row)?]).await?;
         let mut events = record_events(&mut tx, orders).await?;
@@ -467,11 +466,7 @@ impl Store for SqliteStore {
         .await?;
         if rows.is_empty() {
             tx.rollback().await?;
-            return Ok(match self.order_for(id, owner).await? {
-                Some(o) if o.status == OrderStatus::Cancelled => CancelOutcome::AlreadyCancelled(o),
-                Some(o) => CancelOutcome::NotPending(o),
-                None => CancelOutcome::NotFound,
-            });
+            return Ok(cancel_refused(visible(self.order(id).await?, owner)));
         }
         let mut events = finish_cancel(&mut tx, rows).await?;
         tx.commit().await?;
