@@ -30,6 +30,9 @@ pub struct Config {
     pub ws_max_connections: usize,
     pub ws_max_subscriptions: usize,
     pub ws_init_timeout: Duration,
+    /// How long one HTTP request (body upload included) may take before it
+    /// is answered with 408; websockets are not bound by it.
+    pub request_timeout: Duration,
     pub introspection: bool,
     pub demo_dir: PathBuf,
     pub auth_rate_limit_per_minute: u32,
@@ -73,6 +76,7 @@ impl Default for Config {
             ws_max_connections: 20_000,
             ws_max_subscriptions: 100,
             ws_init_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             introspection: true,
             demo_dir: PathBuf::from("frontend-demo/dist"),
             auth_rate_limit_per_minute: 30,
@@ -116,6 +120,9 @@ pub struct ConfigArgs {
     pub ws_max_subscriptions: Option<String>,
     #[arg(long, env = "WS_INIT_TIMEOUT")]
     pub ws_init_timeout: Option<String>,
+    /// How long one HTTP request may take (408 after).
+    #[arg(long, env = "REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
     /// `true` or `false`.
     #[arg(long, env = "INTROSPECTION")]
     pub introspection: Option<String>,
@@ -228,6 +235,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.ws_init_timeout {
             c.ws_init_timeout = duration("WS_INIT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.request_timeout {
+            c.request_timeout = duration("REQUEST_TIMEOUT", &v)?;
         }
         if let Some(v) = self.introspection {
             c.introspection = match v.trim() {
