@@ -1,16 +1,15 @@
 //! The axum router: `/graphql` (HTTP and websocket), `/graphiql`,
 //! `/healthz`, `/readyz`, `/metrics`, `/demo/`.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
     body::Bytes,
-    extract::{ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State},
+    extract::{
+        rejection::BytesRejection, ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequestParts, Request,
+        State,
+    },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Redirect, Response},
@@ -112,10 +111,8 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
             return error_body(status, &e.to_string(), errors::UNAUTHENTICATED);
         }
     };
-    let operation = operation_label(&batch);
-    let started = Instant::now();
+    // timed per operation by the schema's `RequestMetrics` extension
     let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
-    telemetry::graphql_request(&operation, started.elapsed());
     let request_error = match &response {
         BatchResponse::Single(r) => {
             r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
@@ -129,27 +126,25 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
     res
 }
 
-/// A bounded label for the latency histogram: the operation name if it is
-/// a plain identifier, else "anonymous".
-fn operation_label(batch: &BatchRequest) -> String {
-    let name = match batch {
-        BatchRequest::Single(r) => r.operation_name.as_deref(),
-        BatchRequest::Batch(_) => Some("batch"),
-    };
-    match name {
-        Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
-            n.to_string()
-        }
-        _ => "anonymous".to_string(),
-    }
-}
-
 async fn graphql_post(
     State(state): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // over MAX_BODY: 413, as a coded GraphQL error like every other refusal
+        Err(rejection) => {
+            let code = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                errors::QUERY_TOO_COMPLEX
+            } else {
+                errors::BAD_USER_INPUT
+            };
+            let message = format!("request body refused: {} (at most {MAX_BODY} bytes)", rejection.body_text());
+            return error_body(rejection.status(), &message, code);
+        }
+    };
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {

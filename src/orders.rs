@@ -58,8 +58,9 @@ impl Orders {
         let owner = owner_of(identity)?;
         match self.store.pay_order(id, owner, Utc::now()).await? {
             PayOutcome::Paid(event) => {
-                info!(order_id = %id, "order paid");
-                telemetry::order_paid();
+                let source = if identity == Identity::Admin { "admin" } else { "customer" };
+                info!(order_id = %id, source, "order paid");
+                telemetry::order_paid(source);
                 let order = event.order.clone();
                 self.finished(vec![event]).await;
                 Ok(order)

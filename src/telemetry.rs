@@ -1,7 +1,11 @@
 //! Tracing (human or JSON lines) and Prometheus metrics. Metric names live
 //! here, so a dashboard has one file to read.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -28,13 +32,27 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let lag_buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
             let latency_buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full("shopgraph_expiry_lag_seconds".into()), &lag_buckets)
                 .expect("buckets")
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &latency_buckets)
                 .expect("buckets")
                 .install_recorder()
-                .expect("one recorder per process")
+                .expect("one recorder per process");
+            // the series alerts watch exist from the start, at zero, rather
+            // than appearing with their first increment
+            for name in [
+                "shopgraph_orders_created_total",
+                "shopgraph_expiry_listener_reconnects_total",
+                "shopgraph_expiry_hash_write_failures_total",
+                "shopgraph_event_relay_failures_total",
+            ] {
+                counter!(name).increment(0);
+            }
+            gauge!("shopgraph_expiry_listener_up").increment(0.0);
+            gauge!("shopgraph_websocket_connections").increment(0.0);
+            gauge!("shopgraph_websocket_subscriptions").increment(0.0);
+            handle
         })
         .clone()
 }
@@ -44,8 +62,9 @@ pub fn order_created(latency: Duration) {
     histogram!("shopgraph_create_order_duration_seconds").record(latency.as_secs_f64());
 }
 
-pub fn order_paid() {
-    counter!("shopgraph_orders_paid_total").increment(1);
+/// One payment; `source` is who paid: `customer` or `admin`.
+pub fn order_paid(source: &'static str) {
+    counter!("shopgraph_orders_paid_total", "source" => source).increment(1);
 }
 
 /// One cancellation; `lag` (cancellation − deadline) for expiries.
@@ -84,9 +103,28 @@ pub fn ws_subscriptions(delta: f64) {
     gauge!("shopgraph_websocket_subscriptions").increment(delta);
 }
 
-pub fn graphql_request(operation: &str, latency: Duration) {
-    histogram!("shopgraph_graphql_request_duration_seconds", "operation" => operation.to_string())
-        .record(latency.as_secs_f64());
+/// Distinct operation names that get a label of their own; later ones are
+/// counted as "other", so that clients cannot grow the series without bound.
+const MAX_OPERATION_LABELS: usize = 200;
+
+/// The latency of one GraphQL request, by the name of its operation
+/// ("anonymous" when it has none or never got as far as choosing one).
+pub fn graphql_request(operation: Option<&str>, latency: Duration) {
+    static NAMES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let label = match operation.filter(|n| !n.is_empty() && n.len() <= 64) {
+        None => "anonymous".to_string(),
+        Some(name) => {
+            let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+            let names = names.get_or_insert_with(HashSet::new);
+            if names.contains(name) || names.len() < MAX_OPERATION_LABELS {
+                names.insert(name.to_string());
+                name.to_string()
+            } else {
+                "other".to_string()
+            }
+        }
+    };
+    histogram!("shopgraph_graphql_request_duration_seconds", "operation" => label).record(latency.as_secs_f64());
 }
 
 pub fn db_pool(in_use: u32, idle: u32) {

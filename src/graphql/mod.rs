@@ -5,9 +5,11 @@ use std::{net::IpAddr, sync::Arc};
 
 use async_graphql::{
     dataloader::DataLoader,
-    extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextValidation},
-    parser::types::ExecutableDocument,
-    Context, Schema, ServerError, ServerResult, ValidationResult, Variables,
+    extensions::{
+        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextValidation,
+    },
+    parser::types::{ExecutableDocument, Selection, SelectionSet},
+    Context, Response, Schema, ServerError, ServerResult, ValidationResult, Variables,
 };
 
 use crate::{
@@ -56,6 +58,11 @@ pub fn identity(ctx: &Context<'_>) -> Identity {
 /// Deep enough for the standard introspection query (15), which GraphiQL and codegen send.
 pub const MAX_DEPTH: usize = 16;
 pub const MAX_COMPLEXITY: usize = 2_000;
+/// Aliased fields in one document (operations and fragments). Complexity
+/// alone would let ~1,000 aliases of a cheap root field each run a query.
+pub const MAX_ALIASES: usize = 50;
+/// Bytes of one query document.
+pub const MAX_QUERY_BYTES: usize = 32 * 1024;
 
 pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
@@ -64,7 +71,8 @@ pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {
         .limit_complexity(MAX_COMPLEXITY)
         .limit_recursive_depth(32)
         .limit_directives(10)
-        .extension(EngineErrorCodes);
+        .extension(EngineErrorCodes)
+        .extension(RequestMetrics);
     if !introspection {
         builder = builder.disable_introspection();
     }
@@ -94,7 +102,18 @@ impl Extension for EngineErrorCodes {
         variables: &Variables,
         next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
-        next.run(ctx, query, variables).await.map_err(errors::code_engine_error)
+        if query.len() > MAX_QUERY_BYTES {
+            return Err(too_complex(format!(
+                "the query document is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
+                query.len()
+            )));
+        }
+        let doc = next.run(ctx, query, variables).await.map_err(errors::code_engine_error)?;
+        let aliases = count_aliases(&doc);
+        if aliases > MAX_ALIASES {
+            return Err(too_complex(format!("the query uses {aliases} aliases; at most {MAX_ALIASES} are accepted")));
+        }
+        Ok(doc)
     }
 
     async fn validation(
@@ -104,4 +123,71 @@ impl Extension for EngineErrorCodes {
     ) -> Result<ValidationResult, Vec<ServerError>> {
         next.run(ctx).await.map_err(|errs| errs.into_iter().map(errors::code_engine_error).collect())
     }
+}
+
+/// Times each query or mutation (over HTTP, each operation of a batch on
+/// its own) and labels it with the name of the operation that ran.
+struct RequestMetrics;
+
+impl ExtensionFactory for RequestMetrics {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(RequestTimer::default())
+    }
+}
+
+/// One per request: `execute` learns the operation's name, `request` times
+/// the whole (parsing and validation included).
+#[derive(Default)]
+struct RequestTimer {
+    operation: std::sync::Mutex<Option<String>>,
+}
+
+#[async_trait::async_trait]
+impl Extension for RequestTimer {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let started = std::time::Instant::now();
+        let response = next.run(ctx).await;
+        let operation = self.operation.lock().map(|mut o| o.take()).unwrap_or_default();
+        crate::telemetry::graphql_request(operation.as_deref(), started.elapsed());
+        response
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        if let Ok(mut o) = self.operation.lock() {
+            *o = operation_name.map(str::to_string);
+        }
+        next.run(ctx, operation_name).await
+    }
+}
+
+fn too_complex(message: String) -> ServerError {
+    let mut e = ServerError::new(message, None);
+    e.extensions.get_or_insert_with(Default::default).set("code", errors::QUERY_TOO_COMPLEX);
+    e
+}
+
+/// Aliased fields in every operation and fragment of a document, each
+/// counted where it is written.
+fn count_aliases(doc: &ExecutableDocument) -> usize {
+    let mut stack: Vec<&SelectionSet> = doc.operations.iter().map(|(_, op)| &op.node.selection_set.node).collect();
+    stack.extend(doc.fragments.values().map(|f| &f.node.selection_set.node));
+    let mut n = 0;
+    while let Some(set) = stack.pop() {
+        for item in &set.items {
+            match &item.node {
+                Selection::Field(f) => {
+                    n += usize::from(f.node.alias.is_some());
+                    stack.push(&f.node.selection_set.node);
+                }
+                Selection::InlineFragment(f) => stack.push(&f.node.selection_set.node),
+                Selection::FragmentSpread(_) => {}
+            }
+        }
+    }
+    n
 }
