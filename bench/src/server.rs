@@ -1,0 +1,437 @@
+//! Starting what is measured: a fresh database (SQLite file or Postgres
+//! database), a Redis (a private `redis-server` by default), and the server
+//! process itself, or an already running server given by URL.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sqlx::Connection;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::{log, procfs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Postgres,
+    Sqlite,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Postgres => "postgres",
+            StoreKind::Sqlite => "sqlite",
+        }
+    }
+    pub fn parse(s: &str) -> Result<StoreKind> {
+        match s.trim() {
+            "postgres" | "pg" => Ok(StoreKind::Postgres),
+            "sqlite" => Ok(StoreKind::Sqlite),
+            other => bail!("unknown store {other:?} (postgres or sqlite)"),
+        }
+    }
+}
+
+/// How to run one server implementation.
+#[derive(Clone, Debug)]
+pub enum Launch {
+    /// A shopgraph binary: `<bin> serve`.
+    Binary(PathBuf),
+    /// A shell command (`sh -c`), e.g. the `--compare` server.
+    Shell(String),
+    /// A server that is already running; the harness controls nothing.
+    Url(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub label: String,
+    pub launch: Launch,
+}
+
+impl Target {
+    pub fn is_url(&self) -> bool {
+        matches!(self.launch, Launch::Url(_))
+    }
+}
+
+/// A fresh database for one deployment.
+pub struct Db {
+    pub kind: StoreKind,
+    pub url: String,
+    /// Postgres: the database name (dropped at cleanup).
+    pub pg_name: Option<String>,
+    pg_admin_url: Option<String>,
+    /// SQLite: the directory holding the file (removed at cleanup).
+    sqlite_dir: Option<PathBuf>,
+}
+
+pub fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+impl Db {
+    pub async fn create(kind: StoreKind, pg_url: &str, work_dir: &Path) -> Result<Db> {
+        match kind {
+            StoreKind::Sqlite => {
+                let dir = work_dir.join(format!("sqlite-{}", short_id()));
+                std::fs::create_dir_all(&dir)?;
+                let url = format!("sqlite://{}", dir.join("shopgraph.db").display());
+                Ok(Db { kind, url, pg_name: None, pg_admin_url: None, sqlite_dir: Some(dir) })
+            }
+            StoreKind::Postgres => {
+                let name = format!("shopgraph_bench_{}", short_id());
+                let mut conn = sqlx::PgConnection::connect(pg_url)
+                    .await
+                    .with_context(|| format!("connect to --pg-url {pg_url}"))?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+                let _ = conn.close().await;
+                let mut url = reqwest::Url::parse(pg_url).context("--pg-url is a URL")?;
+                url.set_path(&name);
+                Ok(Db {
+                    kind,
+                    url: url.to_string(),
+                    pg_name: Some(name),
+                    pg_admin_url: Some(pg_url.to_string()),
+                    sqlite_dir: None,
+                })
+            }
+        }
+    }
+
+    pub async fn cleanup(&self) {
+        if let (Some(name), Some(admin)) = (&self.pg_name, &self.pg_admin_url) {
+            if let Ok(mut conn) = sqlx::PgConnection::connect(admin).await {
+                let q = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(q)).execute(&mut conn).await {
+                    log(&format!("could not drop database {name}: {e}"));
+                }
+                let _ = conn.close().await;
+            }
+        }
+        if let Some(dir) = &self.sqlite_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The Redis every deployment of this run uses, each under its own prefix.
+pub struct RedisService {
+    pub url: String,
+    /// Ours to flush: a private `redis-server` this harness started.
+    pub private: bool,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+}
+
+impl RedisService {
+    pub async fn start(configured: Option<&str>, bin: &str) -> Result<RedisService> {
+        if let Some(url) = configured {
+            let pid = redis::Client::open(url)
+                .ok()
+                .and_then(|c| {
+                    c.get_connection_info().addr().to_string().rsplit(':').next().and_then(|p| p.parse().ok())
+                })
+                .and_then(procfs::pid_listening_on);
+            return Ok(RedisService { url: url.to_string(), private: false, pid, child: None });
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxclients", "20000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {bin} (or pass --redis-url)"))?;
+        let pid = child.id();
+        let url = format!("redis://127.0.0.1:{port}/0");
+        for _ in 0..100 {
+            if let Ok(mut c) = redis_conn(&url).await {
+                if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+                    return Ok(RedisService { url, private: true, pid, child: Some(child) });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{bin} on port {port} did not answer")
+    }
+
+    /// Removes one deployment's keys: FLUSHALL on a private Redis, else the
+    /// keys under the prefix (SCAN + UNLINK), never anyone else's.
+    pub async fn forget(&self, prefix: &str) {
+        let Ok(mut c) = redis_conn(&self.url).await else { return };
+        if self.private {
+            let _ = redis::cmd("FLUSHALL").arg("ASYNC").query_async::<()>(&mut c).await;
+            return;
+        }
+        let mut cursor: u64 = 0;
+        for _ in 0..1_000_000 {
+            let res: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut c)
+                .await;
+            let Ok((next, keys)) = res else { return };
+            if !keys.is_empty() {
+                let _ = redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut c).await;
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+pub async fn redis_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
+    Ok(tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| anyhow!("Redis at {url}: connect timed out"))??)
+}
+
+/// A running server process (its own process group, stopped on drop).
+pub struct ServerProc {
+    child: Child,
+    pub pid: Option<u32>,
+    pub addr: String,
+    pub log_path: PathBuf,
+    /// When the process was spawned and when it printed its listening line.
+    pub spawned: Instant,
+    pub listening: Instant,
+}
+
+impl ServerProc {
+    pub async fn start(launch: &Launch, env: &BTreeMap<String, String>, log_path: &Path) -> Result<ServerProc> {
+        let mut cmd = match launch {
+            Launch::Binary(bin) => {
+                let mut c = Command::new(bin);
+                c.arg("serve");
+                c
+            }
+            Launch::Shell(sh) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(sh);
+                c
+            }
+            Launch::Url(_) => bail!("a --url server is not started by the harness"),
+        };
+        let log = std::fs::File::create(log_path)?;
+        cmd.envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(true);
+        let spawned = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("start server {launch:?}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.trim().strip_prefix("listening on http://") {
+                    return Ok::<_, std::io::Error>(Some(rest.trim().to_string()));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        let tail = || {
+            std::fs::read_to_string(log_path)
+                .map(|s| s.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default()
+        };
+        let addr = match found {
+            Ok(Ok(Some(addr))) => addr,
+            Ok(Ok(None)) | Ok(Err(_)) => bail!("server exited before printing its listening line:\n{}", tail()),
+            Err(_) => bail!("server printed no listening line within 120 s:\n{}", tail()),
+        };
+        let listening = Instant::now();
+        // keep draining stdout so the server never blocks on a full pipe
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let port: Option<u16> = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+        let pid = match launch {
+            Launch::Binary(_) => child.id(),
+            _ => port.and_then(procfs::pid_listening_on).or(child.id()),
+        };
+        Ok(ServerProc { child, pid, addr, log_path: log_path.to_path_buf(), spawned, listening })
+    }
+
+    /// SIGTERM to the process group, then SIGKILL after 10 s.
+    pub async fn stop(mut self) {
+        if let Some(pgid) = self.child.id() {
+            // SAFETY: signalling the process group this harness created.
+            unsafe {
+                libc::kill(-(pgid as i32), libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+                unsafe {
+                    libc::kill(-(pgid as i32), libc::SIGKILL);
+                }
+                let _ = self.child.wait().await;
+            }
+        }
+    }
+}
+
+/// The settings a deployment is started with (all passed as env vars).
+#[derive(Clone, Debug)]
+pub struct EnvSpec {
+    pub store: StoreKind,
+    pub order_ttl: String,
+    pub sweep_interval: String,
+    pub extra: Vec<(String, String)>,
+}
+
+impl EnvSpec {
+    pub fn new(store: StoreKind, order_ttl: &str) -> EnvSpec {
+        EnvSpec { store, order_ttl: order_ttl.into(), sweep_interval: "30s".into(), extra: Vec::new() }
+    }
+}
+
+/// One server on one fresh database and Redis prefix.
+pub struct Deployment {
+    pub target: Target,
+    pub store: Option<StoreKind>,
+    pub http: String,
+    pub ws: String,
+    pub db: Option<Db>,
+    pub prefix: String,
+    pub redis_url: String,
+    pub redis_pid: Option<u32>,
+    pub server: Option<ServerProc>,
+    pub env: BTreeMap<String, String>,
+    pub admin: String,
+    log_dir: PathBuf,
+}
+
+pub struct Settings<'a> {
+    pub pg_url: &'a str,
+    pub work_dir: &'a Path,
+    pub admin_token: &'a str,
+    pub jwt_secret: &'a str,
+    pub server_env: &'a [(String, String)],
+}
+
+impl Deployment {
+    pub async fn up(target: &Target, spec: &EnvSpec, redis: &RedisService, s: &Settings<'_>) -> Result<Deployment> {
+        let prefix = format!("bench-{}:", short_id());
+        if let Launch::Url(url) = &target.launch {
+            let base = url.trim_end_matches('/').trim_end_matches("/graphql").to_string();
+            return Ok(Deployment {
+                target: target.clone(),
+                store: None,
+                ws: base.replacen("http", "ws", 1) + "/graphql",
+                http: base + "/graphql",
+                db: None,
+                prefix,
+                redis_url: redis.url.clone(),
+                redis_pid: None,
+                server: None,
+                env: BTreeMap::new(),
+                admin: s.admin_token.to_string(),
+                log_dir: s.work_dir.to_path_buf(),
+            });
+        }
+        let db = Db::create(spec.store, s.pg_url, s.work_dir).await?;
+        let mut env = BTreeMap::new();
+        env.insert("DATABASE_URL".into(), db.url.clone());
+        env.insert("REDIS_URL".into(), redis.url.clone());
+        env.insert("REDIS_KEY_PREFIX".into(), prefix.clone());
+        env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
+        env.insert("ORDER_TTL".into(), spec.order_ttl.clone());
+        env.insert("SWEEP_INTERVAL".into(), spec.sweep_interval.clone());
+        env.insert("ADMIN_TOKEN".into(), s.admin_token.into());
+        env.insert("JWT_SECRET".into(), s.jwt_secret.into());
+        env.insert("AUTH_RATE_LIMIT".into(), "1000000".into());
+        env.insert("WS_MAX_CONNECTIONS".into(), "20000".into());
+        for (k, v) in spec.extra.iter().chain(s.server_env) {
+            env.insert(k.clone(), v.clone());
+        }
+        let log_path = s.work_dir.join(format!("server-{}-{}.log", spec.store.name(), short_id()));
+        let server = match ServerProc::start(&target.launch, &env, &log_path).await {
+            Ok(s) => s,
+            Err(e) => {
+                db.cleanup().await;
+                return Err(e);
+            }
+        };
+        Ok(Deployment {
+            target: target.clone(),
+            store: Some(spec.store),
+            http: format!("http://{}/graphql", server.addr),
+            ws: format!("ws://{}/graphql", server.addr),
+            db: Some(db),
+            prefix,
+            redis_url: redis.url.clone(),
+            redis_pid: redis.pid,
+            server: Some(server),
+            env,
+            admin: s.admin_token.to_string(),
+            log_dir: s.work_dir.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(|s| s.pid)
+    }
+
+    pub fn watch(&self) -> procfs::Watch {
+        procfs::Watch {
+            server: self.pid(),
+            pg_db: self.db.as_ref().and_then(|d| d.pg_name.clone()),
+            redis: self.redis_pid,
+        }
+    }
+
+    pub fn db(&self) -> Result<&Db> {
+        self.db.as_ref().ok_or_else(|| anyhow!("needs a server the harness starts (not --url)"))
+    }
+
+    /// Stops the server (keeping the database and prefix).
+    pub async fn stop_server(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Starts the server again on the same database and prefix.
+    pub async fn restart_server(&mut self) -> Result<()> {
+        self.stop_server().await;
+        self.db()?;
+        let path = self.log_dir.join(format!("server-restart-{}.log", short_id()));
+        let server = ServerProc::start(&self.target.launch, &self.env, &path).await?;
+        self.http = format!("http://{}/graphql", server.addr);
+        self.ws = format!("ws://{}/graphql", server.addr);
+        self.server = Some(server);
+        Ok(())
+    }
+
+    pub async fn down(mut self, redis: &RedisService) {
+        self.stop_server().await;
+        if let Some(db) = &self.db {
+            db.cleanup().await;
+        }
+        if !self.target.is_url() {
+            redis.forget(&self.prefix).await;
+        }
+    }
+}
