@@ -6,11 +6,13 @@ use std::{net::IpAddr, sync::Arc};
 use async_graphql::{
     dataloader::DataLoader,
     extensions::{
-        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextValidation,
+        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextSubscribe,
+        NextValidation,
     },
     parser::types::{ExecutableDocument, Selection, SelectionSet},
     Context, Response, Schema, ServerError, ServerResult, ValidationResult, Variables,
 };
+use futures_util::{stream::BoxStream, StreamExt};
 
 use crate::{
     auth::{Auth, Identity},
@@ -84,8 +86,17 @@ pub fn sdl() -> String {
     Schema::build(Query, Mutation, Subscription).finish().sdl()
 }
 
-/// Gives the engine's own errors (syntax, validation, limits) contract codes.
+/// Gives the engine's own errors (syntax, validation, limits, and those it
+/// raises later: an unknown operation name, a missing or ill-typed variable)
+/// contract codes, over HTTP and websockets alike.
 struct EngineErrorCodes;
+
+fn code_response(mut response: Response) -> Response {
+    if !response.errors.is_empty() {
+        response.errors = response.errors.into_iter().map(errors::code_engine_error).collect();
+    }
+    response
+}
 
 impl ExtensionFactory for EngineErrorCodes {
     fn create(&self) -> Arc<dyn Extension> {
@@ -95,6 +106,19 @@ impl ExtensionFactory for EngineErrorCodes {
 
 #[async_trait::async_trait]
 impl Extension for EngineErrorCodes {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        code_response(next.run(ctx).await)
+    }
+
+    fn subscribe<'s>(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        stream: BoxStream<'s, Response>,
+        next: NextSubscribe<'_>,
+    ) -> BoxStream<'s, Response> {
+        next.run(ctx, stream).map(code_response).boxed()
+    }
+
     async fn parse_query(
         &self,
         ctx: &ExtensionContext<'_>,
