@@ -34,6 +34,9 @@ impl Subscription {
         let owner =
             identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
         let s = services(ctx).clone();
+        // subscribe first, then check the order: a cancellation committed
+        // between the two still reaches this subscription
+        let rx = s.events.subscribe();
         let only = match order_id {
             Some(raw) => {
                 let id = OrderId::parse(&raw)?;
@@ -45,7 +48,6 @@ impl Subscription {
             }
             None => None,
         };
-        let rx = s.events.subscribe();
         crate::telemetry::ws_subscriptions(1.0);
         let guard = Arc::new(SubscriptionGauge);
         Ok(stream::unfold(Some(rx), move |rx| {
