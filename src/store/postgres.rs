@@ -149,8 +149,10 @@ async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> 
     }
     let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
     let orders = with_lines(&mut **tx, orders).await?;
-    // Sum per product and update in product-id order, the order in which
-    // `place_order` locks, so that the two never deadlock.
+    // Sum per product and lock in product-id order, the order in which
+    // `place_order` locks, so that the two never deadlock. The lock is its
+    // own statement: an `UPDATE … FROM` takes its row locks in whatever
+    // order its join reads the table (the soak test caught the deadlock).
     let mut returned: std::collections::BTreeMap<i64, i32> = Default::default();
     for o in &orders {
         for l in &o.lines {
