@@ -160,6 +160,12 @@ async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> 
         }
     }
     let (pids, qtys): (Vec<i64>, Vec<i32>) = returned.into_iter().unzip();
+    if pids.len() > 1 {
+        sqlx::query("SELECT 1 FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&pids)
+            .execute(&mut **tx)
+            .await?;
+    }
     sqlx::query(
         "UPDATE products p SET stock = p.stock + r.qty
          FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty) ORDER BY pid) r
