@@ -105,7 +105,7 @@ impl App {
         let sweep_now = Arc::new(Notify::new());
 
         tracker.spawn(events::run_relay(relay_inbox, store.clone(), conn.clone(), keys.events(), shutdown.clone()));
-        tracker.spawn(events::run_fanout(bus.clone(), client.clone(), keys.events(), shutdown.clone()));
+        tracker.spawn(events::run_fanout(bus.clone(), store.clone(), client.clone(), keys.events(), shutdown.clone()));
         tracker.spawn(Nudger::new(conn.clone(), keys.clone()).run(config.nudge_interval, shutdown.clone()));
         tracker.spawn(
             Listener {

@@ -156,16 +156,22 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels (`EXPIRED`) up to `limit` pending orders past their deadline;
     /// concurrent sweepers split the work.
     async fn cancel_overdue(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError>;
-    /// Outbox events recorded before `before` and not yet published, claimed
-    /// for `lease` so that other relays leave them alone meanwhile.
+    /// Unpublished outbox events recorded before `before`, claimed until
+    /// `lease_until` so that other relays leave them alone meanwhile.
     async fn outbox_claim(
         &self,
         before: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<OrderEvent>, StoreError>;
-    /// Forgets events that were published.
-    async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError>;
+    /// Marks events as published; they stay for [`Store::outbox_since`] until pruned.
+    async fn outbox_published(&self, event_ids: &[i64], at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Every event recorded since `since`, published or not, oldest first:
+    /// what a fan-out that was disconnected may have missed.
+    async fn outbox_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError>;
+    /// Forgets events published before `before`.
+    async fn outbox_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Events not yet published.
     async fn outbox_len(&self) -> Result<i64, StoreError>;
 }
 
@@ -214,6 +220,18 @@ pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(i64, crate::domain:
     for o in orders {
         o.lines = by_order.remove(&o.id.0).unwrap_or_default();
     }
+}
+
+/// Outbox rows `(id, payload)` as events, oldest first.
+pub(crate) fn events_from(rows: impl Iterator<Item = (i64, String)>) -> Vec<OrderEvent> {
+    let mut events: Vec<OrderEvent> = rows
+        .filter_map(|(event_id, payload)| {
+            let order = serde_json::from_str::<Order>(&payload).ok()?;
+            Some(OrderEvent { event_id, order })
+        })
+        .collect();
+    events.sort_by_key(|e| e.event_id);
+    events
 }
 
 /// The canonical text of an order's lines, to compare idempotent retries.

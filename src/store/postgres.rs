@@ -12,8 +12,8 @@ use sqlx::{
 };
 
 use super::{
-    attach_lines, cancel_refused, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner, PayOutcome,
-    PlaceError, Placed, Store, StoreError,
+    attach_lines, cancel_refused, events_from, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner,
+    PayOutcome, PlaceError, Placed, Store, StoreError,
 };
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
@@ -556,7 +556,8 @@ impl Store for PgStore {
     ) -> Result<Vec<OrderEvent>, StoreError> {
         let rows = sqlx::query(
             "UPDATE outbox SET claimed_until = $2
-             WHERE id IN (SELECT id FROM outbox WHERE created_at < $1 AND (claimed_until IS NULL OR claimed_until < $1)
+             WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL AND created_at < $1
+                            AND (claimed_until IS NULL OR claimed_until < $1)
                           ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
              RETURNING id, payload",
         )
@@ -565,23 +566,33 @@ impl Store for PgStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        let mut events = Vec::with_capacity(rows.len());
-        for r in rows {
-            let payload: String = r.get("payload");
-            if let Ok(order) = serde_json::from_str::<Order>(&payload) {
-                events.push(OrderEvent { event_id: r.get("id"), order });
-            }
-        }
-        events.sort_by_key(|e| e.event_id);
-        Ok(events)
+        Ok(events_from(rows.iter().map(|r| (r.get("id"), r.get("payload")))))
     }
 
-    async fn outbox_delete(&self, event_ids: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(event_ids).execute(&self.pool).await?;
+    async fn outbox_published(&self, event_ids: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = ANY($1)")
+            .bind(event_ids)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
+    async fn outbox_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError> {
+        let rows = sqlx::query("SELECT id, payload FROM outbox WHERE created_at >= $1 ORDER BY id LIMIT $2")
+            .bind(since)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(events_from(rows.iter().map(|r| (r.get("id"), r.get("payload")))))
+    }
+
+    async fn outbox_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM outbox WHERE published_at < $1").bind(before).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
     async fn outbox_len(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await?)
     }
 }
