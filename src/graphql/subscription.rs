@@ -120,21 +120,23 @@ impl Subscription {
                     return Some((Ok(OrderNode(order)), st));
                 }
                 loop {
+                    // (the order, whether to send it even if its status is unchanged)
                     let fresh = match st.rx.recv().await {
-                        Ok(Fanout::Event(e)) if e.order.id == id => Some(e.order.clone()),
+                        Ok(Fanout::Event(e)) if e.order.id == id => Some((e.order.clone(), false)),
                         Ok(Fanout::Event(_)) => None,
                         Ok(Fanout::Resync) | Err(RecvError::Lagged(_)) => {
-                            // events may be gone: the database says where the order is
+                            // events may be gone: the database says where the
+                            // order is, and the client hears it again
                             match s.store.order(id).await {
-                                Ok(Some(o)) => Some(o),
+                                Ok(Some(o)) => Some((o, true)),
                                 Ok(None) => return None,
                                 Err(e) => return Some((Err(ShopError::Store(e).into()), State { done: true, ..st })),
                             }
                         }
                         Err(RecvError::Closed) => return None,
                     };
-                    // only changes after the snapshot: a status can only move forward
-                    if let Some(order) = fresh.filter(|o| o.status != st.last) {
+                    // otherwise only changes after the snapshot: a status only moves forward
+                    if let Some((order, _)) = fresh.filter(|(o, again)| *again || o.status != st.last) {
                         st.last = order.status;
                         st.done = order.status.is_final();
                         return Some((Ok(OrderNode(order)), st));
