@@ -60,6 +60,9 @@ struct ClientMessage {
     payload: Option<Value>,
 }
 
+/// How long one write may wait for a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A subscription's responses, then `None` when it has ended.
 type Responses = BoxStream<'static, Option<Response>>;
 
@@ -69,14 +72,21 @@ struct Connection {
 }
 
 impl Connection {
+    /// False when the socket is gone, or when the client has not taken a
+    /// message for [`WRITE_TIMEOUT`]: a client that stops reading is dropped
+    /// instead of holding its task and its connection slot forever.
     async fn send(&mut self, v: Value) -> bool {
-        self.sink.send(Message::Text(v.to_string().into())).await.is_ok()
+        let write = self.sink.send(Message::Text(v.to_string().into()));
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame { code, reason: reason.into() };
-        let _ = self.sink.send(Message::Close(Some(frame))).await;
-        let _ = self.sink.close().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let _ = self.sink.send(Message::Close(Some(frame))).await;
+            let _ = self.sink.close().await;
+        })
+        .await;
     }
 
     async fn next(&mut self, id: &str, resp: &Response) -> bool {
