@@ -457,16 +457,21 @@ impl Subscribers {
 
     /// Collects deliveries until `done(delivery)` says so, every
     /// subscriber ended (errors are returned alongside), or `timeout`.
+    /// With `quiet`, also stops once nothing arrived for that long.
     pub async fn collect(
         &mut self,
         timeout: Duration,
+        quiet: Option<Duration>,
         mut done: impl FnMut(&Delivery) -> bool,
     ) -> (Vec<Delivery>, Vec<String>) {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         let mut ended = Vec::new();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            if let Some(q) = quiet {
+                left = left.min(q);
+            }
             match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(SubEvent::Delivery(d))) => {
                     out.push(d);

@@ -216,7 +216,13 @@ impl Ctx {
             jwt_secret: &self.opts.jwt_secret,
             server_env: &self.server_env,
         };
-        Deployment::up(target, spec, &self.redis, &settings).await
+        let mut spec = spec.clone();
+        if self.opts.smoke {
+            // a smoke run checks that everything runs, not how late: let the
+            // safety-net sweep catch whatever the expiry events miss quickly
+            spec.sweep_interval = "2s".into();
+        }
+        Deployment::up(target, &spec, &self.redis, &settings).await
     }
 
     /// The stores to run a target on: the configured ones, or the one a
@@ -424,6 +430,7 @@ async fn run() -> Result<bool> {
             }
         }
     }
+    let smoke = ctx.opts.smoke;
     ctx.redis.stop().await;
     if !ctx.opts.keep {
         let _ = std::fs::remove_dir_all(&ctx.work_dir);
@@ -431,7 +438,8 @@ async fn run() -> Result<bool> {
         log(&format!("kept {}", ctx.work_dir.display()));
     }
     println!("bench: {passed} passed, {failed} failed");
-    Ok(failed == 0)
+    // only a smoke run asserts; a full run reports what it could not measure
+    Ok(failed == 0 || !smoke)
 }
 
 #[tokio::main]

@@ -87,6 +87,18 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The same CPU seconds averaged over `wall` seconds instead (when the
+    /// measured window was longer than the activity).
+    pub fn over(mut self, wall: f64) -> Usage {
+        let k = self.wall / wall.max(1e-9);
+        // not `others`: their CPU was not concentrated in our activity
+        for v in [&mut self.server, &mut self.pg, &mut self.pg_aux, &mut self.redis, &mut self.bench] {
+            *v *= k;
+        }
+        self.wall = wall;
+        self
+    }
+
     /// `server 0.92 · pg 0.61 (+0.05 aux) · redis 0.04 · bench 0.30 · other 0.02`
     pub fn describe(&self) -> String {
         format!(

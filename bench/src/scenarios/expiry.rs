@@ -32,6 +32,8 @@ struct Expired {
     last_cancel_after_t0: f64,
     usage: Usage,
     insert_secs: f64,
+    /// events that arrived more than a second after the deadline
+    late: usize,
 }
 
 /// An admin subscriber, live (checked by a canary), on a deployment with a
@@ -72,10 +74,14 @@ async fn same_second(ctx: &Ctx, dep: &Deployment, n: usize) -> Result<Expired> {
         t0 - now_ms() as i64
     ));
     let watch: Watch = dep.watch();
+    // the window starts just before the first deadline (events queue meanwhile)
+    let wait_ms = (t0 as f64 - 50.0 - now_ms()).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait_ms / 1000.0)).await;
+    let a_ms = now_ms();
     let a = watch.snapshot();
     let mut seen = 0usize;
     let (ds, ended) = subs
-        .collect(Duration::from_millis(lead_ms as u64 + 1000) + Duration::from_secs(120), |d| {
+        .collect(Duration::from_millis(lead_ms as u64 + 1000) + Duration::from_secs(120), None, |d| {
             if d.order >= first && d.order <= bulk.last_id() {
                 seen += 1;
             }
@@ -86,6 +92,7 @@ async fn same_second(ctx: &Ctx, dep: &Deployment, n: usize) -> Result<Expired> {
     subs.close().await;
     let mine: Vec<_> = ds.iter().filter(|d| d.order >= first && d.order <= bulk.last_id()).collect();
     let mut lag: Vec<f64> = mine.iter().map(|d| d.recv_ms - d.expires_ms).collect();
+    let late = lag.iter().filter(|l| **l > 1000.0).count();
     let last_recv = mine.iter().map(|d| d.recv_ms).fold(f64::NAN, f64::max);
     // the database's view, independent of the subscriber
     let pending_left = conn.pending_between(first, bulk.last_id()).await?;
@@ -99,6 +106,7 @@ async fn same_second(ctx: &Ctx, dep: &Deployment, n: usize) -> Result<Expired> {
     if mine.len() < n {
         log(&format!("  only {} of {n} cancellation events arrived; {pending_left} orders still pending", mine.len()));
     }
+    let active_secs = (last_recv.max(last_cancel) - a_ms) / 1000.0;
     Ok(Expired {
         n,
         received: mine.len(),
@@ -106,9 +114,22 @@ async fn same_second(ctx: &Ctx, dep: &Deployment, n: usize) -> Result<Expired> {
         db_lag: summarise(&mut db_lag),
         last_recv_after_t0: last_recv - t0 as f64,
         last_cancel_after_t0: last_cancel - t0 as f64,
-        usage: a.usage_until(&b),
+        usage: a.usage_until(&b).over(active_secs),
         insert_secs,
+        late,
     })
+}
+
+fn per_k_cells(x: &Expired, store: Option<StoreKind>) -> Vec<Cell> {
+    let k = |secs: f64| secs * 1e6 / x.n.max(1) as f64;
+    vec![
+        if x.usage.server_secs > 0.0 {
+            Cell::num(k(x.usage.server_secs), 0)
+        } else {
+            Cell::Missing("no server pid".into())
+        },
+        if store == Some(StoreKind::Postgres) { Cell::num(k(x.usage.pg_secs), 0) } else { Cell::text("–") },
+    ]
 }
 
 fn needs_harness(target: &crate::server::Target) -> Option<&'static str> {
@@ -118,7 +139,18 @@ fn needs_harness(target: &crate::server::Target) -> Option<&'static str> {
 pub async fn burst(ctx: &Ctx) -> Vec<Table> {
     let n = ctx.sizes.burst;
     let mut t = Table::new(&format!("Expiry lag, {n} orders expiring in the same second (receipt by an admin orderCancelled subscriber − expiresAt)"),
-        &["orders", "events received", "lag p50 ms", "lag p99 ms", "lag max ms", "DB lag p99 ms (cancelled_at − expires_at)", "CPU cores used (server · pg · redis · bench · other)"],
+        &[
+            "orders",
+            "events received",
+            "lag p50 ms",
+            "lag p99 ms",
+            "lag max ms",
+            "DB lag p99 ms (cancelled_at − expires_at)",
+            "later than 1 s",
+            "server CPU ms / 1k cancellations",
+            "Postgres CPU ms / 1k cancellations",
+            "CPU cores used, first deadline to last event (server · pg · redis · bench · other)",
+        ],
     );
     for target in &ctx.targets {
         for store in ctx.stores_for(target) {
@@ -139,6 +171,8 @@ pub async fn burst(ctx: &Ctx) -> Vec<Table> {
                     let mut cells = vec![Cell::num(x.n as f64, 0), Cell::num(x.received as f64, 0)];
                     cells.extend(lag_cells(&x.lag));
                     cells.push(Cell::opt(x.db_lag.p99, 1, "none cancelled"));
+                    cells.push(Cell::num(x.late as f64, 0));
+                    cells.extend(per_k_cells(x, store));
                     cells.push(Cell::text(x.usage.describe()));
                     t.push(&target.label, &label_case(store, ""), cells);
                 }
@@ -163,7 +197,11 @@ pub async fn throughput(ctx: &Ctx) -> Vec<Table> {
             "lag p50 ms",
             "lag p99 ms",
             "lag max ms",
-            "CPU cores used (server · pg · redis · bench · other)",
+            "DB lag p50 ms",
+            "DB lag p99 ms",
+            "server CPU ms / 1k cancellations",
+            "Postgres CPU ms / 1k cancellations",
+            "CPU cores used, first deadline to last event (server · pg · redis · bench · other)",
         ],
     );
     for target in &ctx.targets {
@@ -190,6 +228,9 @@ pub async fn throughput(ctx: &Ctx) -> Vec<Table> {
                         Cell::num(rate(x.last_recv_after_t0, x.received), 0),
                     ];
                     cells.extend(lag_cells(&x.lag));
+                    cells.push(Cell::opt(x.db_lag.p50, 1, "none cancelled"));
+                    cells.push(Cell::opt(x.db_lag.p99, 1, "none cancelled"));
+                    cells.extend(per_k_cells(x, store));
                     cells.push(Cell::text(x.usage.describe()));
                     t.push(&target.label, &label_case(store, ""), cells);
                     log(&format!("  written in {:.2} s", x.insert_secs));
@@ -215,6 +256,7 @@ pub async fn pending(ctx: &Ctx) -> Vec<Table> {
             "lag p99 ms",
             "lag max ms",
             "DB lag p99 ms",
+            "probes later than 1 s",
             "seed time s",
             "CPU cores used (server · pg · redis · bench · other)",
         ],
@@ -238,6 +280,7 @@ pub async fn pending(ctx: &Ctx) -> Vec<Table> {
                     let mut cells = vec![Cell::num(n as f64, 0), Cell::num(x.received as f64, 0)];
                     cells.extend(lag_cells(&x.lag));
                     cells.push(Cell::opt(x.db_lag.p99, 1, "none cancelled"));
+                    cells.push(Cell::num(x.late as f64, 0));
                     cells.push(Cell::num(x.insert_secs, 1));
                     cells.push(Cell::text(x.usage.describe()));
                     t.push(&target.label, &label_case(store, ""), cells);
@@ -290,7 +333,7 @@ async fn probes(ctx: &Ctx, dep: &Deployment, n: usize, k: usize) -> Result<Expir
     let mut seen = 0usize;
     let last = bulk.last_id();
     let (ds, ended) = subs
-        .collect(Duration::from_millis(k as u64 * 40 + 2000) + Duration::from_secs(60), |d| {
+        .collect(Duration::from_millis(k as u64 * 40 + 2000) + Duration::from_secs(60), None, |d| {
             if d.order > last {
                 seen += 1;
             }
@@ -305,6 +348,7 @@ async fn probes(ctx: &Ctx, dep: &Deployment, n: usize, k: usize) -> Result<Expir
     }
     let mine: Vec<_> = ds.iter().filter(|d| ids.contains(&d.order)).collect();
     let mut lag: Vec<f64> = mine.iter().map(|d| d.recv_ms - d.expires_ms).collect();
+    let late = lag.iter().filter(|l| **l > 1000.0).count();
     let (lo, hi) = (ids.iter().min().copied().unwrap_or(0), ids.iter().max().copied().unwrap_or(0));
     let times = conn.cancel_times(lo, hi).await?;
     conn.close().await;
@@ -318,6 +362,7 @@ async fn probes(ctx: &Ctx, dep: &Deployment, n: usize, k: usize) -> Result<Expir
         last_cancel_after_t0: f64::NAN,
         usage: a.usage_until(&b),
         insert_secs,
+        late,
     })
 }
 
@@ -330,6 +375,8 @@ pub async fn backlog(ctx: &Ctx) -> Vec<Table> {
             "drained s (from spawn)",
             "drained s (from listening line)",
             "cancellations/s",
+            "server CPU ms / 1k cancellations",
+            "Postgres CPU ms / 1k cancellations",
             "CPU cores used (server · pg · redis · bench · other)",
         ],
     );
@@ -356,6 +403,12 @@ pub async fn backlog(ctx: &Ctx) -> Vec<Table> {
                         Cell::num(*from_spawn, 2),
                         Cell::num(*from_listen, 2),
                         Cell::num(n as f64 / from_spawn.max(1e-6), 0),
+                        Cell::num(usage.server_secs * 1e6 / n as f64, 0),
+                        if store == Some(StoreKind::Postgres) {
+                            Cell::num(usage.pg_secs * 1e6 / n as f64, 0)
+                        } else {
+                            Cell::text("–")
+                        },
                         Cell::text(usage.describe()),
                     ],
                 ),
@@ -406,14 +459,8 @@ async fn drain(ctx: &Ctx, dep: &mut Deployment, n: usize, store: Option<StoreKin
     let done = Instant::now();
     let after = dep.watch().snapshot();
     conn.close().await;
-    let mut usage = before.usage_until(&after);
-    // the window began before the spawn; rescale to the drain itself
+    // the window began before the spawn; average over the drain itself
     let wall = done.duration_since(spawned).as_secs_f64();
-    let k = usage.wall / wall.max(1e-9);
-    for v in
-        [&mut usage.server, &mut usage.pg, &mut usage.pg_aux, &mut usage.redis, &mut usage.bench, &mut usage.others]
-    {
-        *v *= k;
-    }
+    let usage = before.usage_until(&after).over(wall);
     Ok((wall, done.duration_since(listening).as_secs_f64(), usage))
 }

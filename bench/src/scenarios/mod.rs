@@ -99,7 +99,7 @@ pub async fn canary(
     }
     let mut got = 0usize;
     let (ds, ended) = subs
-        .collect(Duration::from_secs(60), |_| {
+        .collect(Duration::from_secs(60), None, |_| {
             got += 1;
             got >= total_expected
         })

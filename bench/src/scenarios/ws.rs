@@ -87,6 +87,7 @@ async fn run(
     log(&format!("  cancelling {events} orders at {rate}/s; expecting {expected} deliveries"));
     let watch = dep.watch();
     let a = watch.snapshot();
+    let start_ms = crate::client::now_ms();
     let driver = {
         let gql = gql.clone();
         let admin = dep.admin.clone();
@@ -100,25 +101,41 @@ async fn run(
                 handles.push(tokio::spawn(async move { gql.cancel_order(&admin, id).await }));
             }
             let mut errors = 0;
+            let mut first = None;
             for h in handles {
-                if !matches!(h.await, Ok(Ok(_))) {
-                    errors += 1;
+                match h.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        errors += 1;
+                        first.get_or_insert_with(|| e.to_string());
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first.get_or_insert_with(|| e.to_string());
+                    }
                 }
             }
-            errors
+            (errors, first)
         })
     };
     let mut got = 0usize;
     let (ds, ended) = subs
-        .collect(Duration::from_secs_f64(events as f64 / rate) + Duration::from_secs(60), |d| {
-            if ids.contains(&d.order) {
-                got += 1;
-            }
-            got >= expected
-        })
+        .collect(
+            Duration::from_secs_f64(events as f64 / rate) + Duration::from_secs(60),
+            Some(Duration::from_secs(15)),
+            |d| {
+                if ids.contains(&d.order) {
+                    got += 1;
+                }
+                got >= expected
+            },
+        )
         .await;
     let b = watch.snapshot();
-    let cancel_errors = driver.await.unwrap_or(events);
+    let (cancel_errors, first_error) = driver.await.unwrap_or((events, None));
+    if let Some(e) = first_error {
+        log(&format!("  {cancel_errors} cancelOrder calls failed, e.g. {e}"));
+    }
     let connect_secs = subs.connect_time.as_secs_f64();
     subs.close().await;
     if let Some(e) = ended.first() {
@@ -126,6 +143,9 @@ async fn run(
     }
     let mut lag: Vec<f64> = ds.iter().filter(|d| ids.contains(&d.order)).map(|d| d.recv_ms - d.cancelled_ms).collect();
     let received = lag.len();
+    // CPU averaged over the activity: first cancel to last delivery
+    let last_ms = ds.iter().map(|d| d.recv_ms).fold(start_ms, f64::max);
+    let usage = a.usage_until(&b).over((last_ms - start_ms) / 1000.0);
     if received == 0 {
         bail!("no cancellation reached any subscriber");
     }
@@ -139,7 +159,7 @@ async fn run(
         expected,
         cancel_errors,
         lag: summarise(&mut lag),
-        usage: a.usage_until(&b),
+        usage,
     })
 }
 
@@ -150,12 +170,14 @@ const COLUMNS: &[&str] = &[
     "server RSS with subscribers MiB",
     "KiB per connection",
     "cancellations",
+    "cancelOrder errors",
     "deliveries",
     "expected",
     "lag p50 ms",
     "lag p99 ms",
     "lag max ms",
-    "CPU cores used (server · pg · redis · bench · other)",
+    "server CPU µs / delivery",
+    "CPU cores used, first cancel to last delivery (server · pg · redis · bench · other)",
 ];
 
 fn cells(x: &WsResult) -> Vec<Cell> {
@@ -171,14 +193,17 @@ fn cells(x: &WsResult) -> Vec<Cell> {
         Cell::opt(mib(x.rss_after), 1, "no server pid"),
         Cell::opt(per_conn, 1, "no server pid"),
         Cell::num(x.events as f64, 0),
+        Cell::num(x.cancel_errors as f64, 0),
         Cell::num(x.received as f64, 0),
         Cell::num(x.expected as f64, 0),
     ];
     v.extend(lag_cells(&x.lag));
+    v.push(if x.received > 0 && x.usage.server_secs > 0.0 {
+        Cell::num(x.usage.server_secs * 1e6 / x.received as f64, 1)
+    } else {
+        Cell::Missing("no server pid".into())
+    });
     v.push(Cell::text(x.usage.describe()));
-    if x.cancel_errors > 0 {
-        log(&format!("  {} cancelOrder calls failed", x.cancel_errors));
-    }
     v
 }
 
