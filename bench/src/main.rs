@@ -288,7 +288,7 @@ async fn machine_header(ctx: &Ctx) -> String {
     );
     s += &format!("* load average at start: {}\n", procfs::load_avg());
     s += &format!(
-        "* shopgraph commit: {}\n",
+        "* workspace commit: {} (the measured binaries are listed below; --server-bin may be another build)\n",
         command_output("git", &["-C", workspace_root().to_str().unwrap_or("."), "rev-parse", "--short", "HEAD"])
     );
     s += &format!(
@@ -297,7 +297,15 @@ async fn machine_header(ctx: &Ctx) -> String {
         command_output("rustc", &["--version"])
     );
     for t in &ctx.targets {
-        s += &format!("* server `{}`: {:?}\n", t.label, t.launch);
+        let built = match &t.launch {
+            Launch::Binary(p) => std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| format!(", built {}", chrono::DateTime::<chrono::Utc>::from(t).format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        s += &format!("* server `{}`: {:?}{built}\n", t.label, t.launch);
     }
     s += &format!("* sizes: {:?}\n", ctx.sizes);
     s

@@ -321,6 +321,8 @@ pub struct Deployment {
     pub env: BTreeMap<String, String>,
     pub admin: String,
     log_dir: PathBuf,
+    /// A --url server on this host: its pid, found by its listening port.
+    external_pid: Option<u32>,
 }
 
 pub struct Settings<'a> {
@@ -336,6 +338,11 @@ impl Deployment {
         let prefix = format!("bench-{}:", short_id());
         if let Launch::Url(url) = &target.launch {
             let base = url.trim_end_matches('/').trim_end_matches("/graphql").to_string();
+            let external_pid = reqwest::Url::parse(&base)
+                .ok()
+                .filter(|u| matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
+                .and_then(|u| u.port_or_known_default())
+                .and_then(procfs::pid_listening_on);
             return Ok(Deployment {
                 target: target.clone(),
                 store: None,
@@ -349,6 +356,7 @@ impl Deployment {
                 env: BTreeMap::new(),
                 admin: s.admin_token.to_string(),
                 log_dir: s.work_dir.to_path_buf(),
+                external_pid,
             });
         }
         let db = Db::create(spec.store, s.pg_url, s.work_dir).await?;
@@ -387,11 +395,12 @@ impl Deployment {
             env,
             admin: s.admin_token.to_string(),
             log_dir: s.work_dir.to_path_buf(),
+            external_pid: None,
         })
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().and_then(|s| s.pid)
+        self.server.as_ref().and_then(|s| s.pid).or(self.external_pid)
     }
 
     pub fn watch(&self) -> procfs::Watch {
