@@ -101,6 +101,10 @@ pub struct Opts {
     /// Concurrency levels of the load scenarios.
     #[arg(long, default_value = "1,16,64")]
     pub concurrency: String,
+    /// Products the create-order scenario spreads its orders over (created
+    /// through the API; 64 by default).
+    #[arg(long)]
+    pub products: Option<usize>,
     /// Orders expiring in the same second (expiry-burst).
     #[arg(long)]
     pub burst_orders: Option<usize>,
@@ -179,7 +183,7 @@ impl Sizes {
             duration,
             customers: if s { 8 } else { levels.iter().copied().max().unwrap_or(1) },
             levels,
-            products: 64,
+            products: o.products.unwrap_or(64).max(1),
             burst: pick(o.burst_orders, 2_000, 300),
             pending: pick(o.pending_orders, 1_000_000, 20_000),
             probes: pick(o.probes, 100, 10),

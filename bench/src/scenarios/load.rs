@@ -83,7 +83,10 @@ async fn order_load(
 }
 
 pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
-    let mut t = Table::new("createOrder: closed-loop throughput and latency (1 line, quantity 1, products round-robin over 64, one customer per worker)",
+    let mut t = Table::new(&format!(
+            "createOrder: closed-loop throughput and latency (1 line, quantity 1, products round-robin over {}, one customer per worker)",
+            ctx.sizes.products
+        ),
         CREATE_COLUMNS,
     );
     for target in &ctx.targets {
