@@ -52,6 +52,9 @@ pub struct Auth {
     /// A real argon2 hash verified for unknown emails, so that a login's
     /// timing does not tell whether the email exists.
     dummy_hash: String,
+    /// Hashes running at once: each takes 19 MiB and a core, so a burst of
+    /// logins queues here instead of taking the machine's memory.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl Auth {
@@ -63,6 +66,7 @@ impl Auth {
             decoding: DecodingKey::from_secret(jwt_secret),
             lifetime,
             dummy_hash,
+            hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         })
     }
 
@@ -103,6 +107,7 @@ impl Auth {
     }
 
     pub async fn hash_password(&self, password: String) -> String {
+        let _permit = self.hashing.acquire().await.expect("the semaphore is never closed");
         tokio::task::spawn_blocking(move || hash_password_blocking(&password)).await.expect("hashing does not panic")
     }
 
@@ -111,6 +116,7 @@ impl Auth {
     pub async fn verify_password(&self, password: String, hash: Option<String>) -> bool {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let _permit = self.hashing.acquire().await.expect("the semaphore is never closed");
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash)
                 .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())

@@ -35,8 +35,21 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
+/// glibc raises its mmap threshold after the first large block is freed;
+/// argon2's 19 MiB hashing buffers then come from the heap and fragment it,
+/// and the process keeps hundreds of MiB after a few logins. A fixed
+/// threshold keeps large blocks mapped and returns them when freed.
+fn tame_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called once at start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    tame_allocator();
     let cli = Cli::parse();
     let (command, args) = match cli.command {
         None => ("serve", cli.config),

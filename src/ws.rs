@@ -61,7 +61,7 @@ struct ClientMessage {
 }
 
 /// How long one write may wait for a client that does not read.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A subscription's responses, then `None` when it has ended.
 type Responses = BoxStream<'static, Option<Response>>;

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use redis::{aio::ConnectionManager, Script};
+use redis::{aio::ConnectionManager, AsyncCommands, Script};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -20,11 +20,17 @@ use crate::domain::OrderId;
 /// The most members claimed per script call; Lua's `unpack` limit is ~8000.
 pub const CLAIM_BATCH: usize = 2000;
 
+/// Claims members whose deadline is strictly before Redis's current
+/// millisecond: Redis expires a key only once `now > deadline`, so a member
+/// claimed in its deadline's own millisecond would be touched while its key
+/// still lives (and then wait for Redis's sampling or the sweep).
 const CLAIM_DUE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+local ids = {}
+for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
 return due
 "#;
 
@@ -42,15 +48,23 @@ impl Nudger {
     /// Claims due deadlines and touches their keys. Returns how many.
     pub async fn nudge_once(&self) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
-        let due: Vec<i64> = self.script.key(self.keys.deadlines()).arg(CLAIM_BATCH).invoke_async(&mut conn).await?;
+        let due: Vec<(i64, i64)> =
+            self.script.key(self.keys.deadlines()).arg(CLAIM_BATCH).invoke_async(&mut conn).await?;
         if due.is_empty() {
             return Ok(0);
         }
         let mut pipe = redis::pipe();
-        for id in &due {
-            pipe.exists(self.keys.order(OrderId(*id))).ignore();
+        for (id, _) in &due {
+            pipe.exists(self.keys.order(OrderId(*id)));
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        let alive: Vec<bool> = pipe.query_async(&mut conn).await?;
+        // A key that outlived its touch (a clock step, a later PEXPIREAT)
+        // goes back into the index, so no member leaves while its key lives.
+        let back: Vec<(i64, i64)> =
+            due.iter().zip(&alive).filter(|(_, alive)| **alive).map(|((id, deadline), _)| (*deadline, *id)).collect();
+        if !back.is_empty() {
+            conn.zadd_multiple::<_, _, _, ()>(self.keys.deadlines(), &back).await?;
+        }
         Ok(due.len())
     }
 

@@ -506,8 +506,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE orders SET status = 'CANCELLED', cancelled_at = $2, cancel_reason = 'EXPIRED'
-             WHERE id IN (SELECT id FROM orders WHERE id = ANY($1) AND status = 'PENDING_PAYMENT' AND expires_at <= $2
-                          ORDER BY id FOR UPDATE SKIP LOCKED)
+             WHERE id = ANY(ARRAY(SELECT id FROM orders WHERE id = ANY($1) AND status = 'PENDING_PAYMENT'
+                                    AND expires_at <= $2 ORDER BY id FOR UPDATE SKIP LOCKED))
              RETURNING {ORDER_COLUMNS}"
         )))
         .bind(&ids)
@@ -532,11 +532,15 @@ impl Store for PgStore {
     }
 
     async fn cancel_overdue(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<OrderEvent>, StoreError> {
+        // `= ANY(ARRAY(…))` makes the planner take the locked ids as a list
+        // (primary-key lookups) instead of a semi-join over the whole table,
+        // and `ORDER BY expires_at` walks the partial index of pending
+        // orders rather than every finished order's primary key.
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE orders SET status = 'CANCELLED', cancelled_at = $1, cancel_reason = 'EXPIRED'
-             WHERE id IN (SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= $1
-                          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+             WHERE id = ANY(ARRAY(SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= $1
+                                    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))
              RETURNING {ORDER_COLUMNS}"
         )))
         .bind(now)

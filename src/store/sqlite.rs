@@ -505,7 +505,8 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE orders SET status = 'CANCELLED', cancelled_at = ?1, cancel_reason = 'EXPIRED'
-             WHERE id IN (SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= ?1 ORDER BY id LIMIT ?2)
+             WHERE id IN (SELECT id FROM orders WHERE status = 'PENDING_PAYMENT' AND expires_at <= ?1
+                          ORDER BY expires_at LIMIT ?2)
              RETURNING {ORDER_COLUMNS}"
         )))
         .bind(ms(now))
