@@ -36,7 +36,7 @@ impl Subscription {
         let s = services(ctx).clone();
         // subscribe first, then check the order: a cancellation committed
         // between the two still reaches this subscription
-        let rx = s.events.subscribe();
+        let rx = s.events.subscribe(owner);
         let only = match order_id {
             Some(raw) => {
                 let id = OrderId::parse(&raw)?;
@@ -92,7 +92,7 @@ impl Subscription {
         let id = OrderId::parse(&order_id)?;
         let s = services(ctx).clone();
         // subscribe first, then read: nothing can fall between the two
-        let rx = s.events.subscribe();
+        let rx = s.events.subscribe(owner);
         let snapshot = s
             .store
             .order(id)
