@@ -22,18 +22,7 @@ async fn watcher(app: &TestApp) -> WsClient {
 
 /// Collects `n` cancellation events, then asserts no more arrive for a second.
 async fn collect_events(ws: &mut WsClient, n: usize, limit: Duration) -> HashMap<String, Value> {
-    let mut seen: HashMap<String, Value> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + limit;
-    while seen.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        assert!(!left.is_zero(), "only {} of {n} events arrived", seen.len());
-        let p = ws.next_data_within("all", left).await;
-        let e = p["data"]["orderCancelled"].clone();
-        let id = e["order"]["id"].as_str().unwrap().to_string();
-        assert!(seen.insert(id.clone(), e).is_none(), "a second event for {id}");
-    }
-    ws.assert_silent(Duration::from_secs(1)).await;
-    seen
+    ws.cancellations_until(limit, |seen| seen.len() >= n).await
 }
 
 async fn status(app: &TestApp, id: &str) -> Value {

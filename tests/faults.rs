@@ -36,30 +36,8 @@ async fn watcher(ws_url: &str) -> WsClient {
     ws
 }
 
-/// Collects cancellation events until `done` says the set is complete, then
-/// asserts that nothing more arrives for a second. Panics on a second event
-/// for one order.
-async fn collect_until(
-    ws: &mut WsClient,
-    limit: Duration,
-    mut done: impl FnMut(&HashMap<String, Value>) -> bool,
-) -> HashMap<String, Value> {
-    let mut seen: HashMap<String, Value> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + limit;
-    while !done(&seen) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        assert!(!left.is_zero(), "only {} events arrived within {limit:?}: {:?}", seen.len(), seen.keys());
-        let p = ws.next_data_within("all", left).await;
-        let e = p["data"]["orderCancelled"].clone();
-        let id = e["order"]["id"].as_str().unwrap().to_string();
-        assert!(seen.insert(id.clone(), e).is_none(), "a second event for {id}");
-    }
-    ws.assert_silent(Duration::from_secs(1)).await;
-    seen
-}
-
 async fn collect_events(ws: &mut WsClient, ids: &[String], limit: Duration) -> HashMap<String, Value> {
-    let events = collect_until(ws, limit, |seen| seen.len() >= ids.len()).await;
+    let events = ws.cancellations_until(limit, |seen| seen.len() >= ids.len()).await;
     let expected: HashSet<&String> = ids.iter().collect();
     let got: HashSet<&String> = events.keys().collect();
     assert_eq!(got, expected, "events for other orders than expected");

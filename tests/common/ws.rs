@@ -197,6 +197,28 @@ impl WsClient {
         self.next_complete(&id).await;
     }
 
+    /// Collects the `orderCancelled` events of subscription `all` until
+    /// `done` says the set is complete, then asserts that nothing more
+    /// arrives for a second. Panics on a second event for one order.
+    pub async fn cancellations_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&std::collections::HashMap<String, Value>) -> bool,
+    ) -> std::collections::HashMap<String, Value> {
+        let mut seen = std::collections::HashMap::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while !done(&seen) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "only {} events arrived within {limit:?}: {:?}", seen.len(), seen.keys());
+            let p = self.next_data_within("all", left).await;
+            let e = p["data"]["orderCancelled"].clone();
+            let id = e["order"]["id"].as_str().unwrap().to_string();
+            assert!(seen.insert(id.clone(), e).is_none(), "a second event for {id}");
+        }
+        self.assert_silent(Duration::from_secs(1)).await;
+        seen
+    }
+
     /// The payload of the next data message for subscription `id`.
     pub async fn next_data(&mut self, id: &str) -> Value {
         self.next_data_within(id, Duration::from_secs(10)).await
