@@ -3,21 +3,22 @@
 //! (subscriptions-transport-ws), chosen by `Sec-WebSocket-Protocol`.
 //!
 //! Each connection is one task: it authenticates once from
-//! `connection_init`, runs its subscriptions as streams of the schema, and
+//! `connection_init`, runs each operation as its own task (feeding a small
+//! per-connection queue, so a stalled socket holds no database connection), and
 //! writes to its own socket only, so a slow client delays nobody else.
 //! Close codes: 4400 malformed message, 4401 subscribe before init, 4403
 //! invalid credentials, 4408 no `connection_init` in time, 4409 duplicate
 //! subscription id, 4429 second `connection_init`, 1013 connection limit,
 //! 1001 server shutting down.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_graphql::{Request, Response};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{stream::BoxStream, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_stream::StreamMap;
+use tokio::{sync::mpsc, task::AbortHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -63,8 +64,13 @@ struct ClientMessage {
 /// How long one write may wait for a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A subscription's responses, then `None` when it has ended.
-type Responses = BoxStream<'static, Option<Response>>;
+/// Responses of the connection's operations, tagged with the operation id;
+/// `None` when the operation has ended.
+type Outgoing = (String, Option<Response>);
+/// Responses waiting for the socket per connection: each operation runs as
+/// its own task and waits here, holding nothing else, when the client reads
+/// slowly (so a stalled socket never holds database connections).
+const OUTGOING_BUFFER: usize = 32;
 
 struct Connection {
     sink: futures_util::stream::SplitSink<WebSocket, Message>,
@@ -140,7 +146,9 @@ pub async fn serve(
     telemetry::ws_connections(1.0);
     let (sink, mut source) = socket.split();
     let mut conn = Connection { sink, protocol };
-    let mut streams: StreamMap<String, Responses> = StreamMap::new();
+    // operation id → its task; the tasks send into `outgoing`
+    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    let (out_tx, mut outgoing) = mpsc::channel::<Outgoing>(OUTGOING_BUFFER);
     let mut identity: Option<Identity> = None;
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
@@ -157,17 +165,21 @@ pub async fn serve(
                 conn.close(4408, "Connection initialisation timeout").await;
                 break;
             }
-            Some((id, item)) = streams.next(), if !streams.is_empty() => {
+            Some((id, item)) = outgoing.recv() => {
+                if !running.contains_key(&id) {
+                    // stopped by the client meanwhile
+                    continue;
+                }
                 let ok = match item {
                     Some(resp) if resp.data == async_graphql::Value::Null && resp.is_err() => {
                         // refused before or while running: the error ends this operation
                         let errs = serde_json::to_value(&resp.errors).unwrap_or_default();
-                        streams.remove(&id);
+                        if let Some(task) = running.remove(&id) { task.abort(); }
                         conn.error(&id, errs).await
                     }
                     Some(resp) => conn.next(&id, &resp).await,
                     None => {
-                        streams.remove(&id);
+                        running.remove(&id);
                         conn.complete(&id).await
                     }
                 };
@@ -222,7 +234,7 @@ pub async fn serve(
                             conn.close(4400, "Invalid message received").await;
                             break;
                         };
-                        if streams.contains_key(&id) {
+                        if running.contains_key(&id) {
                             conn.close(4409, &format!("Subscriber for {id} already exists")).await;
                             break;
                         }
@@ -230,7 +242,7 @@ pub async fn serve(
                             conn.close(4400, "Invalid message received").await;
                             break;
                         };
-                        if streams.len() >= settings.max_subscriptions {
+                        if running.len() >= settings.max_subscriptions {
                             let err = json!([{
                                 "message": format!("too many subscriptions on this connection (at most {})", settings.max_subscriptions),
                                 "extensions": {"code": errors::RATE_LIMITED},
@@ -238,17 +250,25 @@ pub async fn serve(
                             if !conn.error(&id, err).await { break; }
                             continue;
                         }
-                        let stream = schema
-                            .execute_stream(request.data(who).data(client))
-                            .map(Some)
-                            .chain(futures_util::stream::once(async { None }))
-                            .boxed();
-                        streams.insert(id, stream);
+                        let mut responses = schema.execute_stream(request.data(who).data(client)).boxed();
+                        let (tx, key) = (out_tx.clone(), id.clone());
+                        let task = tokio::spawn(async move {
+                            while let Some(resp) = responses.next().await {
+                                if tx.send((key.clone(), Some(resp))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = tx.send((key, None)).await;
+                        });
+                        running.insert(id, task.abort_handle());
                     }
                     (Protocol::TransportWs, "complete") | (Protocol::Legacy, "stop") => {
                         if let Some(id) = msg.id {
-                            if streams.remove(&id).is_some() && protocol == Protocol::Legacy && !conn.complete(&id).await {
-                                break;
+                            if let Some(task) = running.remove(&id) {
+                                task.abort();
+                                if protocol == Protocol::Legacy && !conn.complete(&id).await {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -267,6 +287,9 @@ pub async fn serve(
                 }
             }
         }
+    }
+    for task in running.into_values() {
+        task.abort();
     }
     telemetry::ws_connections(-1.0);
 }
