@@ -124,7 +124,14 @@ impl Orders {
             let lag = (reason == CancelReason::Expired).then(|| (now - o.expires_at).to_std().unwrap_or_default());
             telemetry::order_cancelled(reason, source, lag);
         }
-        self.finished(events).await;
+        if source == CancelSource::Listener {
+            // Redis has already deleted these keys, and the nudger (which
+            // claims every due member) removes their deadline entries: a
+            // `DEL` + `ZREM` round trip per batch would do nothing.
+            self.events.publish(events);
+        } else {
+            self.finished(events).await;
+        }
     }
 
     /// After a final status: publish the events, drop the Redis expiry state.
