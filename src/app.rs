@@ -142,6 +142,7 @@ impl App {
                 max_subscriptions: config.ws_max_subscriptions,
                 init_timeout: config.ws_init_timeout,
                 keepalive: Duration::from_secs(15),
+                hubs: Default::default(),
             }),
             ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),
             shutdown: shutdown.clone(),

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::{config::Secret, domain::CustomerId};
 
 /// The caller of one request or websocket connection, decided once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Identity {
     Anonymous,
     Customer(CustomerId),

@@ -221,12 +221,14 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
 fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
     // Small buffers: they are allocated per connection up front, and
     // subscription traffic is small messages (tungstenite's default is 128 KiB).
+    // Writes are flushed per message, except frames that were ready together
+    // (`ws`), which share a write up to this size.
     let upgrade = upgrade
         .protocols(Protocol::NAMES)
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0);
+        .write_buffer_size(8 * 1024);
     let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
     let permit = state.ws_permits.clone().try_acquire_owned();
     upgrade.on_upgrade(move |mut socket| async move {

@@ -8,6 +8,7 @@
 //! * [`config`]: settings from the environment and flags, validated once.
 //! * [`app`]: builds the whole service from a config; tests use the same builder.
 //! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
+//! * [`shared_subscriptions`]: one execution per identical subscription, rendered once per event.
 //! * [`auth`]: the admin token, customer JWTs, password hashing.
 //! * [`graphql`]: schema types and resolvers; the one place errors get codes.
 //! * [`orders`]: the rules of the contract (place, pay, cancel).
@@ -34,6 +35,7 @@ pub mod orders;
 pub mod pubsub;
 pub mod ratelimit;
 pub mod redis_server;
+pub mod shared_subscriptions;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

@@ -52,6 +52,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             gauge!("shopgraph_expiry_listener_up").increment(0.0);
             gauge!("shopgraph_websocket_connections").increment(0.0);
             gauge!("shopgraph_websocket_subscriptions").increment(0.0);
+            gauge!("shopgraph_websocket_shared_executions").increment(0.0);
             handle
         })
         .clone()
@@ -101,6 +102,12 @@ pub fn ws_connections(delta: f64) {
 
 pub fn ws_subscriptions(delta: f64) {
     gauge!("shopgraph_websocket_subscriptions").increment(delta);
+}
+
+/// Executions shared by identical subscriptions (each serves one or more of
+/// `shopgraph_websocket_subscriptions`).
+pub fn ws_shared_executions(delta: f64) {
+    gauge!("shopgraph_websocket_shared_executions").increment(delta);
 }
 
 /// Distinct operation names that get a label of their own; later ones are

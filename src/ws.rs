@@ -4,8 +4,10 @@
 //!
 //! Each connection is one task: it authenticates once from
 //! `connection_init`, runs each operation as its own task (feeding a small
-//! per-connection queue, so a stalled socket holds no database connection), and
-//! writes to its own socket only, so a slow client delays nobody else.
+//! per-connection queue, so a stalled socket holds no database connection) or,
+//! for live cancellation subscriptions, joins a shared execution whose frames
+//! are rendered once for every subscriber ([`crate::shared_subscriptions`]),
+//! and writes to its own socket only, so a slow client delays nobody else.
 //! Close codes: 4400 malformed message, 4401 subscribe before init, 4403
 //! invalid credentials, 4408 no `connection_init` in time, 4409 duplicate
 //! subscription id, 4429 second `connection_init`, 1013 connection limit,
@@ -15,15 +17,20 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_graphql::{Request, Response};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::{sync::mpsc, task::AbortHandle};
+use tokio_stream::{
+    wrappers::{errors::BroadcastStreamRecvError, BroadcastStream},
+    StreamMap,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{Auth, Identity},
     graphql::{errors, ClientAddr, ShopSchema},
+    shared_subscriptions::{self, Frame, Hub, Hubs},
     telemetry,
 };
 
@@ -51,6 +58,8 @@ pub struct WsSettings {
     pub max_subscriptions: usize,
     pub init_timeout: Duration,
     pub keepalive: Duration,
+    /// The process's shared subscription executions.
+    pub hubs: Hubs,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +80,36 @@ type Outgoing = (String, Option<Response>);
 /// its own task and waits here, holding nothing else, when the client reads
 /// slowly (so a stalled socket never holds database connections).
 const OUTGOING_BUFFER: usize = 32;
+/// Frames of shared executions written with one flush at most.
+const WRITE_BATCH: usize = 64;
+
+/// An operation running on this connection: its own task, or its place in a
+/// shared execution. Dropping it stops it (and counts a subscription less).
+struct Running {
+    task: Option<AbortHandle>,
+    _hub: Option<Arc<Hub>>,
+    subscription: bool,
+}
+
+impl Running {
+    fn new(task: Option<AbortHandle>, hub: Option<Arc<Hub>>, subscription: bool) -> Self {
+        if subscription {
+            telemetry::ws_subscriptions(1.0);
+        }
+        Running { task, _hub: hub, subscription }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        if self.subscription {
+            telemetry::ws_subscriptions(-1.0);
+        }
+    }
+}
 
 struct Connection {
     sink: futures_util::stream::SplitSink<WebSocket, Message>,
@@ -82,8 +121,22 @@ impl Connection {
     /// message for [`WRITE_TIMEOUT`]: a client that stops reading is dropped
     /// instead of holding its task and its connection slot forever.
     async fn send(&mut self, v: Value) -> bool {
-        let write = self.sink.send(Message::Text(v.to_string().into()));
+        self.send_text(v.to_string()).await
+    }
+
+    async fn send_text(&mut self, text: String) -> bool {
+        let write = self.sink.send(Message::Text(text.into()));
         matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
+    }
+
+    /// Queues a message without flushing: several go out in one write.
+    async fn feed_text(&mut self, text: String) -> bool {
+        let write = self.sink.feed(Message::Text(text.into()));
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
+    }
+
+    async fn flush(&mut self) -> bool {
+        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.sink.flush()).await, Ok(Ok(())))
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
@@ -95,12 +148,31 @@ impl Connection {
         .await;
     }
 
-    async fn next(&mut self, id: &str, resp: &Response) -> bool {
-        let kind = match self.protocol {
-            Protocol::TransportWs => "next",
-            Protocol::Legacy => "data",
+    /// Sends a rendered frame of operation `id`.
+    async fn frame(&mut self, id: &str, frame: &Frame) -> bool {
+        self.send_text(self.envelope(id, frame)).await
+    }
+
+    /// The message for a frame: the envelope is written around the payload
+    /// text, which is not parsed again.
+    fn envelope(&self, id: &str, frame: &Frame) -> String {
+        let id_json = serde_json::to_string(id).unwrap_or_default();
+        let (kind, payload) = match (frame, self.protocol) {
+            (Frame::Next(p), Protocol::TransportWs) => ("next", &**p),
+            (Frame::Next(p), Protocol::Legacy) => ("data", &**p),
+            (Frame::Error(e), Protocol::TransportWs) => ("error", e.0.as_str()),
+            (Frame::Error(e), Protocol::Legacy) => ("error", e.1.as_str()),
+            (Frame::Complete, _) => return format!("{{\"id\":{id_json},\"type\":\"complete\"}}"),
         };
-        self.send(json!({"id": id, "type": kind, "payload": resp})).await
+        let mut text = String::with_capacity(payload.len() + id_json.len() + 32);
+        text.push_str("{\"id\":");
+        text.push_str(&id_json);
+        text.push_str(",\"type\":\"");
+        text.push_str(kind);
+        text.push_str("\",\"payload\":");
+        text.push_str(payload);
+        text.push('}');
+        text
     }
 
     async fn error(&mut self, id: &str, errors: Value) -> bool {
@@ -146,8 +218,10 @@ pub async fn serve(
     telemetry::ws_connections(1.0);
     let (sink, mut source) = socket.split();
     let mut conn = Connection { sink, protocol };
-    // operation id → its task; the tasks send into `outgoing`
-    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    // operation id → what runs it; own tasks send into `outgoing`, shared
+    // executions' frames arrive through `shared`
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut shared: StreamMap<String, BroadcastStream<Frame>> = StreamMap::new();
     let (out_tx, mut outgoing) = mpsc::channel::<Outgoing>(OUTGOING_BUFFER);
     let mut identity: Option<Identity> = None;
     let init_deadline = tokio::time::sleep(settings.init_timeout);
@@ -170,20 +244,38 @@ pub async fn serve(
                     // stopped by the client meanwhile
                     continue;
                 }
-                let ok = match item {
-                    Some(resp) if resp.data == async_graphql::Value::Null && resp.is_err() => {
-                        // refused before or while running: the error ends this operation
-                        let errs = serde_json::to_value(&resp.errors).unwrap_or_default();
-                        if let Some(task) = running.remove(&id) { task.abort(); }
-                        conn.error(&id, errs).await
-                    }
-                    Some(resp) => conn.next(&id, &resp).await,
-                    None => {
+                let frame = item.as_ref().map_or(Frame::Complete, Frame::render);
+                if !matches!(frame, Frame::Next(_)) {
+                    // completed, or refused before or while running: the error ends it
+                    running.remove(&id);
+                }
+                if !conn.frame(&id, &frame).await { break; }
+            }
+            Some(first) = shared.next(), if !shared.is_empty() => {
+                // whatever else is ready goes out in the same write: a client
+                // that fell behind catches up in few syscalls
+                let mut ready = Some(first);
+                let mut sent = 0;
+                let mut ok = true;
+                while let Some((id, item)) = ready.take() {
+                    let frame = match item {
+                        Ok(frame) => frame,
+                        Err(BroadcastStreamRecvError::Lagged(n)) => Frame::Error(std::sync::Arc::new((
+                            fell_behind(n, false),
+                            fell_behind(n, true),
+                        ))),
+                    };
+                    if !matches!(frame, Frame::Next(_)) {
                         running.remove(&id);
-                        conn.complete(&id).await
+                        shared.remove(&id);
                     }
-                };
-                if !ok { break; }
+                    ok = conn.feed_text(conn.envelope(&id, &frame)).await;
+                    sent += 1;
+                    if ok && sent < WRITE_BATCH && !shared.is_empty() {
+                        ready = shared.next().now_or_never().flatten();
+                    }
+                }
+                if !ok || !conn.flush().await { break; }
             }
             _ = keepalive.tick() => {
                 let ping = match protocol {
@@ -250,6 +342,17 @@ pub async fn serve(
                             if !conn.error(&id, err).await { break; }
                             continue;
                         }
+                        let plan = shared_subscriptions::plan(&request, who);
+                        let subscription = plan.subscription;
+                        if plan.shareable() {
+                            let schema = schema.clone();
+                            let member = settings.hubs.join(plan, move || {
+                                schema.execute_stream(request.data(who).data(client)).boxed()
+                            });
+                            shared.insert(id.clone(), BroadcastStream::new(member.frames));
+                            running.insert(id, Running::new(None, Some(member.hub), true));
+                            continue;
+                        }
                         let mut responses = schema.execute_stream(request.data(who).data(client)).boxed();
                         let (tx, key) = (out_tx.clone(), id.clone());
                         let task = tokio::spawn(async move {
@@ -260,12 +363,12 @@ pub async fn serve(
                             }
                             let _ = tx.send((key, None)).await;
                         });
-                        running.insert(id, task.abort_handle());
+                        running.insert(id, Running::new(Some(task.abort_handle()), None, subscription));
                     }
                     (Protocol::TransportWs, "complete") | (Protocol::Legacy, "stop") => {
                         if let Some(id) = msg.id {
-                            if let Some(task) = running.remove(&id) {
-                                task.abort();
+                            if running.remove(&id).is_some() {
+                                shared.remove(&id);
                                 if protocol == Protocol::Legacy && !conn.complete(&id).await {
                                     break;
                                 }
@@ -288,10 +391,23 @@ pub async fn serve(
             }
         }
     }
-    for task in running.into_values() {
-        task.abort();
-    }
+    // dropping them stops them
+    drop(running);
     telemetry::ws_connections(-1.0);
+}
+
+/// The error that ends a subscription whose client fell too far behind
+/// (the legacy protocol's payload is one error, the other's a list).
+fn fell_behind(n: u64, single: bool) -> String {
+    let err = json!({
+        "message": format!("this subscription fell {n} events behind and was stopped; subscribe again and re-read your orders"),
+        "extensions": {"code": errors::INTERNAL},
+    });
+    if single {
+        err.to_string()
+    } else {
+        json!([err]).to_string()
+    }
 }
 
 #[cfg(test)]

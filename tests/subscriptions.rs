@@ -8,7 +8,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{redis::PrivateRedis, ws::WsClient, Backend, TestApp, ADMIN, JWT_SECRET};
+use common::{
+    child::{metric, ChildServer},
+    redis::PrivateRedis,
+    ws::WsClient,
+    Backend, TestApp, ADMIN, JWT_SECRET,
+};
 use futures_util::{future::join_all, stream, StreamExt};
 use serde_json::{json, Value};
 
@@ -725,4 +730,113 @@ async fn graceful_shutdown_closes_websockets_with_1001() {
         assert_eq!(closed.code, 1001, "{closed:?}");
     }
     tokio::time::timeout(Duration::from_secs(15), stopping).await.expect("the server stopped").unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// shared executions
+
+/// Subscribers with the same document and the same view of the orders share
+/// one execution whose frames are rendered once per event. Nobody may notice
+/// that from what arrives: each subscriber gets every event it may see,
+/// once, from the moment it subscribed; customers sharing a document text
+/// still see only their own orders; one leaving stops nobody else; and the
+/// execution ends with its last subscriber (a real process, for its metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_subscriptions_share_one_execution_and_each_subscriber_still_gets_exactly_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&[
+        ("DATABASE_URL", format!("sqlite://{}", dir.path().join("shared.db").display())),
+        ("REDIS_URL", common::redis_url().await),
+        ("REDIS_KEY_PREFIX", common::unique_prefix()),
+        ("ADMIN_TOKEN", ADMIN.into()),
+        ("JWT_SECRET", JWT_SECRET.into()),
+    ])
+    .await;
+    let product = server
+        .data(
+            Some(ADMIN),
+            "mutation { createProduct(input: {sku: \"SH-1\", name: \"S\", priceCents: 100, currency: \"USD\", stock: 10}) { id } }",
+            json!({}),
+        )
+        .await["createProduct"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let register = |email: &'static str| {
+        let server = &server;
+        async move {
+            let q =
+                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }";
+            server.data(None, q, json!({"e": email})).await["registerCustomer"]["token"].as_str().unwrap().to_string()
+        }
+    };
+    let (token_a, token_b) = (register("a@example.com").await, register("b@example.com").await);
+    let place = |token: String| {
+        let (server, product) = (&server, product.clone());
+        async move {
+            let q = "mutation($p: ID!) { createOrder(input: {lines: [{productId: $p, quantity: 1}]}) { id } }";
+            server.data(Some(&token), q, json!({"p": product})).await["createOrder"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let cancel_q = "mutation($id: ID!) { cancelOrder(id: $id) { id } }";
+
+    // the admin: one socket with the document twice, one legacy, one more;
+    // the two customers with the very same text
+    let mut twice = WsClient::init(&server.ws_url, TRANSPORT, Some(ADMIN)).await;
+    let mut legacy = WsClient::init(&server.ws_url, LEGACY, Some(ADMIN)).await;
+    let mut leaver = WsClient::init(&server.ws_url, TRANSPORT, Some(ADMIN)).await;
+    let mut a = WsClient::init(&server.ws_url, TRANSPORT, Some(&token_a)).await;
+    let mut b = WsClient::init(&server.ws_url, TRANSPORT, Some(&token_b)).await;
+    twice.subscribe("y", ORDER_CANCELLED, variables(None)).await;
+    for c in [&mut twice, &mut legacy, &mut leaver, &mut a, &mut b] {
+        c.subscribe("x", ORDER_CANCELLED, variables(None)).await;
+        c.barrier().await;
+    }
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "shopgraph_websocket_subscriptions"), Some(6.0), "{m}");
+    // one for the admin, one per customer
+    assert_eq!(metric(&m, "shopgraph_websocket_shared_executions"), Some(3.0), "{m}");
+
+    // A's order: every admin subscription and A, once; not B
+    let first = place(token_a.clone()).await;
+    server.data(Some(&token_a), cancel_q, json!({"id": first})).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let v = twice.next(Duration::from_secs(10)).await.expect("socket open");
+        assert_eq!(v["type"], "next", "{v}");
+        assert_cancelled(&v["payload"], &first, "CUSTOMER");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    assert_eq!(ids, ["x", "y"]);
+    for c in [&mut legacy, &mut leaver, &mut a] {
+        assert_cancelled(&c.next_data("x").await, &first, "CUSTOMER");
+    }
+
+    // one admin subscriber leaves, another arrives: it gets only what follows
+    leaver.unsubscribe("x").await;
+    let mut late = WsClient::init(&server.ws_url, TRANSPORT, Some(ADMIN)).await;
+    late.subscribe("x", ORDER_CANCELLED, variables(None)).await;
+    late.barrier().await;
+    let second = place(token_b.clone()).await;
+    server.data(Some(ADMIN), cancel_q, json!({"id": second})).await;
+    for c in [&mut legacy, &mut late, &mut b] {
+        assert_cancelled(&c.next_data("x").await, &second, "ADMIN");
+    }
+    for _ in 0..2 {
+        let v = twice.next(Duration::from_secs(10)).await.expect("socket open");
+        assert_cancelled(&v["payload"], &second, "ADMIN");
+    }
+    let mut quiet = [twice, legacy, leaver, late, a, b];
+    all_silent(&mut quiet, QUIET).await;
+
+    // the executions end with their last subscribers
+    drop(quiet);
+    common::eventually(Duration::from_secs(10), || async {
+        let m = server.metrics().await;
+        (metric(&m, "shopgraph_websocket_subscriptions") == Some(0.0)
+            && metric(&m, "shopgraph_websocket_shared_executions") == Some(0.0))
+        .then_some(())
+    })
+    .await;
 }

@@ -4,8 +4,6 @@
 //! events silently: `orderCancelled` ends with an error saying so, and
 //! `orderUpdated` reads a fresh snapshot from the database.
 
-use std::sync::Arc;
-
 use async_graphql::{Context, Subscription as GqlSubscription, ID};
 use futures_util::{stream, Stream};
 use tokio::sync::broadcast::error::RecvError;
@@ -48,33 +46,28 @@ impl Subscription {
             }
             None => None,
         };
-        crate::telemetry::ws_subscriptions(1.0);
-        let guard = Arc::new(SubscriptionGauge);
-        Ok(stream::unfold(Some(rx), move |rx| {
-            let _guard = guard.clone();
-            async move {
-                let mut rx = rx?;
-                loop {
-                    match rx.recv().await {
-                        Ok(Fanout::Event(e)) => {
-                            let o = &e.order;
-                            let wanted = o.status == OrderStatus::Cancelled
-                                && owner.is_none_or(|c| c == o.customer_id)
-                                && only.is_none_or(|id| id == o.id);
-                            if wanted {
-                                return Some((Ok(OrderCancelledEvent(e)), Some(rx)));
-                            }
+        Ok(stream::unfold(Some(rx), move |rx| async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(Fanout::Event(e)) => {
+                        let o = &e.order;
+                        let wanted = o.status == OrderStatus::Cancelled
+                            && owner.is_none_or(|c| c == o.customer_id)
+                            && only.is_none_or(|id| id == o.id);
+                        if wanted {
+                            return Some((Ok(OrderCancelledEvent(e)), Some(rx)));
                         }
-                        Ok(Fanout::Resync) => {}
-                        Err(RecvError::Lagged(n)) => {
-                            let err = coded(
+                    }
+                    Ok(Fanout::Resync) => {}
+                    Err(RecvError::Lagged(n)) => {
+                        let err = coded(
                                 format!("this subscription fell {n} events behind and was stopped; subscribe again and re-read your orders"),
                                 super::errors::INTERNAL,
                             );
-                            return Some((Err(err), None));
-                        }
-                        Err(RecvError::Closed) => return None,
+                        return Some((Err(err), None));
                     }
+                    Err(RecvError::Closed) => return None,
                 }
             }
         }))
@@ -99,8 +92,6 @@ impl Subscription {
             .await?
             .filter(|o| owner.is_none_or(|c| c == o.customer_id))
             .ok_or_else(|| ShopError::NotFound(format!("order {id}")))?;
-        crate::telemetry::ws_subscriptions(1.0);
-        let guard = Arc::new(SubscriptionGauge);
         struct State {
             rx: tokio::sync::broadcast::Receiver<Fanout>,
             first: Option<Order>,
@@ -110,7 +101,6 @@ impl Subscription {
         let state = State { rx, last: snapshot.status, first: Some(snapshot), done: false };
         Ok(stream::unfold(state, move |mut st| {
             let s = s.clone();
-            let _guard = guard.clone();
             async move {
                 if st.done {
                     return None;
@@ -144,14 +134,5 @@ impl Subscription {
                 }
             }
         }))
-    }
-}
-
-/// Counts live subscriptions while a stream exists.
-struct SubscriptionGauge;
-
-impl Drop for SubscriptionGauge {
-    fn drop(&mut self) {
-        crate::telemetry::ws_subscriptions(-1.0);
     }
 }
