@@ -129,14 +129,16 @@ impl Connection {
         matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
     }
 
-    /// Queues a message without flushing: several go out in one write.
-    async fn feed_text(&mut self, text: String) -> bool {
-        let write = self.sink.feed(Message::Text(text.into()));
+    /// Sends several messages with one flush (so, mostly, one write), all
+    /// within one [`WRITE_TIMEOUT`].
+    async fn send_all(&mut self, texts: Vec<String>) -> bool {
+        let write = async {
+            for text in texts {
+                self.sink.feed(Message::Text(text.into())).await?;
+            }
+            self.sink.flush().await
+        };
         matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
-    }
-
-    async fn flush(&mut self) -> bool {
-        matches!(tokio::time::timeout(WRITE_TIMEOUT, self.sink.flush()).await, Ok(Ok(())))
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
@@ -226,12 +228,15 @@ pub async fn serve(
     let mut identity: Option<Identity> = None;
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
+    // made once: a fresh one per loop turn registered a waiter per message
+    let shutting_down = shutdown.cancelled();
+    tokio::pin!(shutting_down);
     let mut keepalive = tokio::time::interval(settings.keepalive);
     keepalive.reset();
 
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => {
+            _ = &mut shutting_down => {
                 conn.close(1001, "server shutting down").await;
                 break;
             }
@@ -255,8 +260,7 @@ pub async fn serve(
                 // whatever else is ready goes out in the same write: a client
                 // that fell behind catches up in few syscalls
                 let mut ready = Some(first);
-                let mut sent = 0;
-                let mut ok = true;
+                let mut texts = Vec::new();
                 while let Some((id, item)) = ready.take() {
                     let frame = match item {
                         Ok(frame) => frame,
@@ -269,13 +273,12 @@ pub async fn serve(
                         running.remove(&id);
                         shared.remove(&id);
                     }
-                    ok = conn.feed_text(conn.envelope(&id, &frame)).await;
-                    sent += 1;
-                    if ok && sent < WRITE_BATCH && !shared.is_empty() {
+                    texts.push(conn.envelope(&id, &frame));
+                    if texts.len() < WRITE_BATCH && !shared.is_empty() {
                         ready = shared.next().now_or_never().flatten();
                     }
                 }
-                if !ok || !conn.flush().await { break; }
+                if !conn.send_all(texts).await { break; }
             }
             _ = keepalive.tick() => {
                 let ping = match protocol {
