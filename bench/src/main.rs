@@ -284,8 +284,17 @@ async fn machine_header(ctx: &Ctx) -> String {
     }
     .await
     .unwrap_or_else(|| "?".into());
+    // the host's CPU model: the same binary gave ~40 % different CPU per
+    // order on two VMs of this project, so results name the model they ran on
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "?".into());
     s += &format!(
-        "* machine: {} cores (`nproc`), {} GiB RAM (`free -g`), kernel {}\n",
+        "* machine: {} cores (`nproc`) of {cpu_model}, {} GiB RAM (`free -g`), kernel {}\n",
         command_output("nproc", &[]),
         mem_total,
         command_output("uname", &["-r"])
