@@ -162,6 +162,11 @@ impl EventBus {
         }
     }
 
+    /// Whether an event id was delivered here already.
+    fn seen(&self, id: i64) -> bool {
+        self.inner.seen.lock().expect("seen lock").ids.contains(&id)
+    }
+
     /// Tells every subscription that events may have been missed.
     fn resync(&self) {
         let _ = self.inner.tx.send(Fanout::Resync);
@@ -306,6 +311,11 @@ impl pubsub::Handler for FanoutHandler {
     }
 
     async fn message(&mut self, _channel: &str, payload: &[u8]) {
+        // this instance's own events (already delivered when they were
+        // committed) come back too: drop them before parsing the order
+        if leading_event_id(payload).is_some_and(|id| self.bus.seen(id)) {
+            return;
+        }
         match serde_json::from_slice::<OrderEvent>(payload) {
             Ok(event) => self.bus.deliver(Arc::new(event)),
             Err(e) => warn!(error = %e, "ignoring a malformed order event"),
@@ -316,6 +326,15 @@ impl pubsub::Handler for FanoutHandler {
         self.bus.inner.fanout_up.store(false, Ordering::Relaxed);
         self.lost_at.get_or_insert_with(Utc::now);
     }
+}
+
+/// The `event_id` of a published event, read from the start of its JSON
+/// (serde writes `OrderEvent`'s fields in order); `None` if it is not there,
+/// and the full parse decides.
+fn leading_event_id(payload: &[u8]) -> Option<i64> {
+    let rest = payload.strip_prefix(b"{\"event_id\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 /// The one Redis subscription of this process to `<prefix>events`.
@@ -378,6 +397,15 @@ mod tests {
         );
         bus.resync();
         assert_eq!(id(ann.try_recv().unwrap()), 0);
+    }
+
+    #[test]
+    fn the_event_id_is_read_from_the_published_json_without_parsing_it() {
+        let json = serde_json::to_vec(&event(42, 7)).unwrap();
+        assert_eq!(leading_event_id(&json), Some(42));
+        assert_eq!(leading_event_id(b"{\"order\":{},\"event_id\":1}"), None);
+        assert_eq!(leading_event_id(b"{\"event_id\":"), None);
+        assert_eq!(leading_event_id(b"garbage"), None);
     }
 
     #[test]
