@@ -1,0 +1,264 @@
+//! Group commit for `createOrder` on Postgres, done by the application.
+//!
+//! Under load most of an order's cost in Postgres is per statement and per
+//! transaction, not per row: executor start-up, the round trip, the commit
+//! and its WAL flush. So placements go to a queue, and a fixed set of worker
+//! tasks each take one waiting placement plus whatever else is already
+//! waiting (at most [`MAX_BATCH`]) and place them all with one call of the
+//! `place_orders` function: one round trip and one commit for the batch.
+//! A worker never waits for more work to arrive, so with one placement
+//! waiting the batch is that one order and adds no latency.
+//!
+//! Orders in a batch are independent (the function refuses one without
+//! touching the others). If the batch statement itself fails in Postgres
+//! (a constraint, a deadlock), nothing of it was written and every order is
+//! told to place itself alone, so one bad order cannot fail its neighbours;
+//! a connection failure is returned to every order of the batch.
+//!
+//! The workers end when the [`Batcher`] (held by the store) is dropped: the
+//! queue closes, they drain it and return.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::domain::{CustomerId, OrderRequest, ProductId, MAX_TOTAL_CENTS};
+use crate::store::fingerprint;
+
+/// The most orders placed by one statement: enough to amortise the commit,
+/// small enough that the batch's row locks are held briefly.
+pub(super) const MAX_BATCH: usize = 32;
+
+/// How many placements may wait in the queue before `place` waits too.
+const QUEUE: usize = 1024;
+
+/// `place_orders` returns one row per order of the batch, in order.
+const PLACE_ORDERS: &str = "SELECT r_order, r_id, r_currency, r_prices, r_refusal, r_product
+FROM place_orders($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[], $7::int[], $8)";
+
+/// What happened to one order of a batch.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Placed: its id, currency and the unit price of each line (in the
+    /// request's line order).
+    Placed { id: i64, currency: String, prices: Vec<i32> },
+    /// Refused for a reason of the domain; nothing was written for it.
+    Refused(Refusal),
+    /// The batch failed in Postgres and wrote nothing: place this order on its own.
+    Alone,
+    /// The batch could not be run (connection, pool) or its answer not read.
+    Failed(sqlx::Error),
+}
+
+/// Why `place_orders` refused an order, naming the product where there is one.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    UnknownProduct(ProductId),
+    InsufficientStock(ProductId),
+    MixedCurrencies,
+    TotalTooLarge,
+}
+
+/// One placement waiting in the queue.
+struct Job {
+    customer: CustomerId,
+    lines: Vec<(i64, i32)>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    fingerprint: String,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The queue's sending side; the workers hold only the receiving side.
+pub(super) struct Batcher {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts `workers` worker tasks on the current runtime.
+    pub(super) fn start(pool: PgPool, workers: usize) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            tokio::spawn(work(pool.clone(), rx.clone()));
+        }
+        Batcher { queue }
+    }
+
+    /// Places one order (without idempotency key) in the next batch.
+    pub(super) async fn place(
+        &self,
+        customer: CustomerId,
+        request: &OrderRequest,
+        created_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            customer,
+            lines: request.lines.iter().map(|(p, q)| (p.0, q.0)).collect(),
+            created_at,
+            expires_at,
+            fingerprint: fingerprint(request),
+            reply,
+        };
+        if self.queue.send(job).await.is_err() {
+            return Outcome::Failed(sqlx::Error::PoolClosed);
+        }
+        // A worker always answers unless its runtime is shutting down.
+        answer.await.unwrap_or(Outcome::Failed(sqlx::Error::PoolClosed))
+    }
+}
+
+/// One worker: take a batch, place it, answer each order; until the queue closes.
+async fn work(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    while let Some(batch) = next_batch(&rx).await {
+        let outcomes = run(&pool, &batch).await;
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            // the request may have gone (client timeout): nothing to tell
+            let _ = job.reply.send(outcome);
+        }
+    }
+}
+
+/// Waits for one job, then takes whatever else is already queued, without
+/// waiting for more. `None` once the queue is closed and empty.
+async fn next_batch(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// The batch as `place_orders`'s parallel arrays.
+struct Arrays {
+    customers: Vec<i64>,
+    created: Vec<DateTime<Utc>>,
+    expires: Vec<DateTime<Utc>>,
+    fingerprints: Vec<String>,
+    line_orders: Vec<i32>,
+    products: Vec<i64>,
+    quantities: Vec<i32>,
+}
+
+fn arrays(batch: &[Job]) -> Arrays {
+    let n_lines = batch.iter().map(|j| j.lines.len()).sum();
+    let mut a = Arrays {
+        customers: Vec::with_capacity(batch.len()),
+        created: Vec::with_capacity(batch.len()),
+        expires: Vec::with_capacity(batch.len()),
+        fingerprints: Vec::with_capacity(batch.len()),
+        line_orders: Vec::with_capacity(n_lines),
+        products: Vec::with_capacity(n_lines),
+        quantities: Vec::with_capacity(n_lines),
+    };
+    for (i, job) in batch.iter().enumerate() {
+        a.customers.push(job.customer.0);
+        a.created.push(job.created_at);
+        a.expires.push(job.expires_at);
+        a.fingerprints.push(job.fingerprint.clone());
+        for &(p, q) in &job.lines {
+            // 1-based, as the function's arrays
+            a.line_orders.push(i as i32 + 1);
+            a.products.push(p);
+            a.quantities.push(q);
+        }
+    }
+    a
+}
+
+/// Places a batch with one statement; one outcome per job, in order.
+async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
+    let a = arrays(batch);
+    let res = sqlx::query(PLACE_ORDERS)
+        .bind(&a.customers)
+        .bind(&a.created)
+        .bind(&a.expires)
+        .bind(&a.fingerprints)
+        .bind(&a.line_orders)
+        .bind(&a.products)
+        .bind(&a.quantities)
+        .bind(MAX_TOTAL_CENTS)
+        .fetch_all(pool)
+        .await;
+    let rows = match res {
+        Ok(rows) => rows,
+        // Postgres refused the statement, so none of it was written: let
+        // each order try alone, so that only the culprit (if any) fails.
+        Err(sqlx::Error::Database(_)) if batch.len() > 1 => return batch.iter().map(|_| Outcome::Alone).collect(),
+        Err(e) => return failed(e, batch.len()),
+    };
+    match rows.iter().map(outcome).collect::<Result<Vec<_>, _>>() {
+        Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
+        Ok(outcomes) => failed(
+            sqlx::Error::Protocol(format!("place_orders answered {} of {} orders", outcomes.len(), batch.len())),
+            batch.len(),
+        ),
+        Err(e) => failed(e, batch.len()),
+    }
+}
+
+/// One row of `place_orders` as an outcome.
+fn outcome(row: &sqlx::postgres::PgRow) -> Result<Outcome, sqlx::Error> {
+    if let Some(id) = row.try_get::<Option<i64>, _>("r_id")? {
+        return Ok(Outcome::Placed { id, currency: row.try_get("r_currency")?, prices: row.try_get("r_prices")? });
+    }
+    let product = || -> Result<ProductId, sqlx::Error> { Ok(ProductId(row.try_get("r_product")?)) };
+    let refusal = match row.try_get::<String, _>("r_refusal")?.as_str() {
+        "UNKNOWN_PRODUCT" => Refusal::UnknownProduct(product()?),
+        "INSUFFICIENT_STOCK" => Refusal::InsufficientStock(product()?),
+        "MIXED_CURRENCIES" => Refusal::MixedCurrencies,
+        "TOTAL_TOO_LARGE" => Refusal::TotalTooLarge,
+        other => return Err(sqlx::Error::Protocol(format!("place_orders: unknown refusal {other:?}"))),
+    };
+    Ok(Outcome::Refused(refusal))
+}
+
+/// The same failure for every order of the batch: the first gets the error
+/// itself, the others an equivalent one (`sqlx::Error` is not `Clone`).
+fn failed(e: sqlx::Error, n: usize) -> Vec<Outcome> {
+    let mut out: Vec<Outcome> = (1..n).map(|_| Outcome::Failed(duplicate(&e))).collect();
+    out.insert(0, Outcome::Failed(e));
+    out
+}
+
+/// An error that `StoreError::from` classifies like `e` (unavailable or
+/// not) and that displays the same.
+fn duplicate(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        sqlx::Error::Tls(tls) => sqlx::Error::Tls(tls.to_string().into()),
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_failure_is_duplicated_as_the_same_kind_of_store_error() {
+        let io = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        for e in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed, io, sqlx::Error::Protocol("odd".into())] {
+            let copy = duplicate(&e);
+            assert_eq!(copy.to_string(), e.to_string());
+            let unavailable = |e| matches!(StoreError::from(e), StoreError::Unavailable(_));
+            assert_eq!(unavailable(copy), unavailable(e));
+        }
+        let outcomes = failed(sqlx::Error::PoolTimedOut, 3);
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Failed(sqlx::Error::PoolTimedOut))));
+    }
+}
