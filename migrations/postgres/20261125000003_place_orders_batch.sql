@@ -25,7 +25,12 @@ CREATE FUNCTION place_orders(
     l_qty int[],
     max_total bigint
 ) RETURNS TABLE (r_order int, r_id bigint, r_currency text, r_prices int[], r_refusal text, r_product bigint)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql
+-- The statements below take arrays as parameters, so custom plans look
+-- cheaper to the plan cache and every call would plan them again (a fifth
+-- of the function's time when measured); their generic plans are the same.
+SET plan_cache_mode = force_generic_plan
+AS $fn$
 DECLARE
     -- the batch's products as locked: parallel arrays sorted by id
     p_id bigint[];
@@ -131,13 +136,18 @@ BEGIN
         first_line := last_line + 1;
     END LOOP;
 
+    -- one statement for every write: one executor start-up, not three
     IF cardinality(w_id) > 0 THEN
-        UPDATE products p SET stock = s.stock
-          FROM unnest(p_id, p_stock) AS s(id, stock)
-         WHERE p.id = s.id AND p.stock <> s.stock;
-        INSERT INTO orders (id, customer_id, status, total_cents, currency, created_at, expires_at, fingerprint)
-        SELECT w.id, o_customer[w.i], 'PENDING_PAYMENT', w.total, w.cur, o_created[w.i], o_expires[w.i], o_fingerprint[w.i]
-          FROM unnest(w_id, w_order, w_total, w_cur) AS w(id, i, total, cur);
+        WITH taken AS (
+            UPDATE products p SET stock = s.stock
+              FROM unnest(p_id, p_stock) AS s(id, stock)
+             WHERE p.id = s.id AND p.stock <> s.stock
+        ), placed AS (
+            INSERT INTO orders (id, customer_id, status, total_cents, currency, created_at, expires_at, fingerprint)
+            SELECT w.id, o_customer[w.i], 'PENDING_PAYMENT', w.total, w.cur, o_created[w.i], o_expires[w.i],
+                   o_fingerprint[w.i]
+              FROM unnest(w_id, w_order, w_total, w_cur) AS w(id, i, total, cur)
+        )
         INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
         SELECT * FROM unnest(wl_order, wl_product, wl_qty, wl_price);
     END IF;

@@ -251,7 +251,7 @@ impl PgStore {
         }
         let mut attempt = 0;
         loop {
-            match self.try_place(customer, request, now, expires_at).await {
+            match try_place(&self.pool, customer, request, now, expires_at).await {
                 Ok(order) => return Ok(Placed { order, created: true }),
                 Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
                     // the same key raced in from another request: answer with its order
@@ -266,54 +266,54 @@ impl PgStore {
             }
         }
     }
+}
 
-    /// Places an order in one statement, so one round trip: lock the lines'
-    /// products in id order, check them all, and only if every check passes
-    /// take the stock and insert the order and its lines. Either all of it
-    /// happens or nothing does; the returned rows say why not.
-    async fn try_place(
-        &self,
-        customer: CustomerId,
-        request: &OrderRequest,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-    ) -> Result<Order, PlaceError> {
-        let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
-        let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
-        let rows = sqlx::query(PLACE_ORDER)
-            .bind(&pids)
-            .bind(&qtys)
-            .bind(pids.len() as i64)
-            .bind(customer.0)
-            .bind(now)
-            .bind(expires_at)
-            .bind(request.idempotency_key.as_deref())
-            .bind(fingerprint(request))
-            .bind(crate::domain::MAX_TOTAL_CENTS)
-            .fetch_all(&self.pool)
-            .await?;
-        let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
-        let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
-        }
-        let Some(id) = order_id else {
-            if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
-                return Err(PlaceError::UnknownProduct(*p));
-            }
-            if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
-                return Err(PlaceError::InsufficientStock(*p));
-            }
-            let currency = &found[&pids[0]].2;
-            if found.values().any(|(_, _, c)| c != currency) {
-                return Err(PlaceError::MixedCurrencies);
-            }
-            return Err(PlaceError::TotalTooLarge);
-        };
-        let prices: Vec<i32> = request.lines.iter().map(|(p, _)| found[&p.0].1).collect();
-        let currency = found[&pids[0]].2.clone();
-        Ok(placed_order(OrderId(id), customer, request, currency, &prices, now, expires_at))
+/// Places an order in one statement, so one round trip: lock the lines'
+/// products in id order, check them all, and only if every check passes
+/// take the stock and insert the order and its lines. Either all of it
+/// happens or nothing does; the returned rows say why not.
+async fn try_place(
+    pool: &PgPool,
+    customer: CustomerId,
+    request: &OrderRequest,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<Order, PlaceError> {
+    let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
+    let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
+    let rows = sqlx::query(PLACE_ORDER)
+        .bind(&pids)
+        .bind(&qtys)
+        .bind(pids.len() as i64)
+        .bind(customer.0)
+        .bind(now)
+        .bind(expires_at)
+        .bind(request.idempotency_key.as_deref())
+        .bind(fingerprint(request))
+        .bind(crate::domain::MAX_TOTAL_CENTS)
+        .fetch_all(pool)
+        .await?;
+    let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
+    let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
     }
+    let Some(id) = order_id else {
+        if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
+            return Err(PlaceError::UnknownProduct(*p));
+        }
+        if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
+            return Err(PlaceError::InsufficientStock(*p));
+        }
+        let currency = &found[&pids[0]].2;
+        if found.values().any(|(_, _, c)| c != currency) {
+            return Err(PlaceError::MixedCurrencies);
+        }
+        return Err(PlaceError::TotalTooLarge);
+    };
+    let prices: Vec<i32> = request.lines.iter().map(|(p, _)| found[&p.0].1).collect();
+    let currency = found[&pids[0]].2.clone();
+    Ok(placed_order(OrderId(id), customer, request, currency, &prices, now, expires_at))
 }
 
 /// The order as placed, as a later read returns it: `prices` are the lines'
@@ -346,16 +346,6 @@ fn placed_order(
         paid_at: None,
         cancelled_at: None,
         cancel_reason: None,
-    }
-}
-
-/// A refusal of `place_orders` as the error the single-order path gives.
-fn refused(refusal: batch::Refusal) -> PlaceError {
-    match refusal {
-        batch::Refusal::UnknownProduct(p) => PlaceError::UnknownProduct(p),
-        batch::Refusal::InsufficientStock(p) => PlaceError::InsufficientStock(p),
-        batch::Refusal::MixedCurrencies => PlaceError::MixedCurrencies,
-        batch::Refusal::TotalTooLarge => PlaceError::TotalTooLarge,
     }
 }
 
@@ -472,18 +462,16 @@ impl Store for PgStore {
         }
         let mut attempt = 0;
         loop {
-            let (id, currency, prices) = match self.batcher.place(customer, request, now, expires_at).await {
-                batch::Outcome::Placed { id, currency, prices } => (id, currency, prices),
-                batch::Outcome::Refused(refusal) => return Err(refused(refusal)),
-                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at).await,
-                batch::Outcome::Failed(e) if is_retryable(&e) && attempt < 5 => {
-                    attempt += 1;
-                    continue;
+            match self.batcher.place(customer, request, now, expires_at).await {
+                batch::Outcome::Done(Ok(order)) => return Ok(Placed { order, created: true }),
+                batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e))))
+                    if is_retryable(&e) && attempt < 5 =>
+                {
+                    attempt += 1
                 }
-                batch::Outcome::Failed(e) => return Err(e.into()),
-            };
-            let order = placed_order(OrderId(id), customer, request, currency, &prices, now, expires_at);
-            return Ok(Placed { order, created: true });
+                batch::Outcome::Done(Err(e)) => return Err(e),
+                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at).await,
+            }
         }
     }
 

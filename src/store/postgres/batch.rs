@@ -21,11 +21,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::{postgres::PgRow, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::domain::{CustomerId, OrderRequest, ProductId, MAX_TOTAL_CENTS};
-use crate::store::fingerprint;
+use crate::domain::{CustomerId, Order, OrderId, OrderRequest, ProductId, MAX_TOTAL_CENTS};
+use crate::store::{fingerprint, PlaceError};
 
 /// The most orders placed by one statement: enough to amortise the commit,
 /// small enough that the batch's row locks are held briefly.
@@ -41,33 +41,19 @@ FROM place_orders($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[]
 /// What happened to one order of a batch.
 #[derive(Debug)]
 pub(super) enum Outcome {
-    /// Placed: its id, currency and the unit price of each line (in the
-    /// request's line order).
-    Placed { id: i64, currency: String, prices: Vec<i32> },
-    /// Refused for a reason of the domain; nothing was written for it.
-    Refused(Refusal),
+    /// Placed, refused (nothing was written for it), or the batch could not
+    /// be run (connection, pool) or its answer not read.
+    Done(Result<Order, PlaceError>),
     /// The batch failed in Postgres and wrote nothing: place this order on its own.
     Alone,
-    /// The batch could not be run (connection, pool) or its answer not read.
-    Failed(sqlx::Error),
-}
-
-/// Why `place_orders` refused an order, naming the product where there is one.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Refusal {
-    UnknownProduct(ProductId),
-    InsufficientStock(ProductId),
-    MixedCurrencies,
-    TotalTooLarge,
 }
 
 /// One placement waiting in the queue.
 struct Job {
     customer: CustomerId,
-    lines: Vec<(i64, i32)>,
+    request: OrderRequest,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-    fingerprint: String,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -96,19 +82,12 @@ impl Batcher {
         expires_at: DateTime<Utc>,
     ) -> Outcome {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            customer,
-            lines: request.lines.iter().map(|(p, q)| (p.0, q.0)).collect(),
-            created_at,
-            expires_at,
-            fingerprint: fingerprint(request),
-            reply,
-        };
+        let job = Job { customer, request: request.clone(), created_at, expires_at, reply };
         if self.queue.send(job).await.is_err() {
-            return Outcome::Failed(sqlx::Error::PoolClosed);
+            return Outcome::Done(Err(sqlx::Error::PoolClosed.into()));
         }
         // A worker always answers unless its runtime is shutting down.
-        answer.await.unwrap_or(Outcome::Failed(sqlx::Error::PoolClosed))
+        answer.await.unwrap_or_else(|_| Outcome::Done(Err(sqlx::Error::PoolClosed.into())))
     }
 }
 
@@ -151,7 +130,7 @@ struct Arrays {
 }
 
 fn arrays(batch: &[Job]) -> Arrays {
-    let n_lines = batch.iter().map(|j| j.lines.len()).sum();
+    let n_lines = batch.iter().map(|j| j.request.lines.len()).sum();
     let mut a = Arrays {
         customers: Vec::with_capacity(batch.len()),
         created: Vec::with_capacity(batch.len()),
@@ -165,19 +144,25 @@ fn arrays(batch: &[Job]) -> Arrays {
         a.customers.push(job.customer.0);
         a.created.push(job.created_at);
         a.expires.push(job.expires_at);
-        a.fingerprints.push(job.fingerprint.clone());
-        for &(p, q) in &job.lines {
+        a.fingerprints.push(fingerprint(&job.request));
+        for (p, q) in &job.request.lines {
             // 1-based, as the function's arrays
             a.line_orders.push(i as i32 + 1);
-            a.products.push(p);
-            a.quantities.push(q);
+            a.products.push(p.0);
+            a.quantities.push(q.0);
         }
     }
     a
 }
 
-/// Places a batch with one statement; one outcome per job, in order.
+/// Places a batch; one outcome per job, in order. A batch of one takes the
+/// single-order statement, which costs Postgres less than the function.
 async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
+    if let [job] = batch {
+        return vec![Outcome::Done(
+            super::try_place(pool, job.customer, &job.request, job.created_at, job.expires_at).await,
+        )];
+    }
     let a = arrays(batch);
     let res = sqlx::query(PLACE_ORDERS)
         .bind(&a.customers)
@@ -194,40 +179,54 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
         Ok(rows) => rows,
         // Postgres refused the statement, so none of it was written: let
         // each order try alone, so that only the culprit (if any) fails.
-        Err(sqlx::Error::Database(_)) if batch.len() > 1 => return batch.iter().map(|_| Outcome::Alone).collect(),
+        Err(sqlx::Error::Database(_)) => return batch.iter().map(|_| Outcome::Alone).collect(),
         Err(e) => return failed(e, batch.len()),
     };
-    match rows.iter().map(outcome).collect::<Result<Vec<_>, _>>() {
-        Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
-        Ok(outcomes) => failed(
-            sqlx::Error::Protocol(format!("place_orders answered {} of {} orders", outcomes.len(), batch.len())),
-            batch.len(),
-        ),
+    if rows.len() != batch.len() {
+        let e = format!("place_orders answered {} rows for {} orders", rows.len(), batch.len());
+        return failed(sqlx::Error::Protocol(e), batch.len());
+    }
+    match rows.iter().zip(batch).map(|(row, job)| outcome(row, job)).collect::<Result<Vec<_>, _>>() {
+        Ok(outcomes) => outcomes,
         Err(e) => failed(e, batch.len()),
     }
 }
 
-/// One row of `place_orders` as an outcome.
-fn outcome(row: &sqlx::postgres::PgRow) -> Result<Outcome, sqlx::Error> {
+/// One row of `place_orders` as the order placed or the reason it was refused.
+fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
     if let Some(id) = row.try_get::<Option<i64>, _>("r_id")? {
-        return Ok(Outcome::Placed { id, currency: row.try_get("r_currency")?, prices: row.try_get("r_prices")? });
+        let prices: Vec<i32> = row.try_get("r_prices")?;
+        if prices.len() != job.request.lines.len() {
+            return Err(sqlx::Error::Protocol("place_orders: one price per line expected".into()));
+        }
+        let (customer, request) = (job.customer, &job.request);
+        let order = super::placed_order(
+            OrderId(id),
+            customer,
+            request,
+            row.try_get("r_currency")?,
+            &prices,
+            job.created_at,
+            job.expires_at,
+        );
+        return Ok(Outcome::Done(Ok(order)));
     }
     let product = || -> Result<ProductId, sqlx::Error> { Ok(ProductId(row.try_get("r_product")?)) };
     let refusal = match row.try_get::<String, _>("r_refusal")?.as_str() {
-        "UNKNOWN_PRODUCT" => Refusal::UnknownProduct(product()?),
-        "INSUFFICIENT_STOCK" => Refusal::InsufficientStock(product()?),
-        "MIXED_CURRENCIES" => Refusal::MixedCurrencies,
-        "TOTAL_TOO_LARGE" => Refusal::TotalTooLarge,
+        "UNKNOWN_PRODUCT" => PlaceError::UnknownProduct(product()?),
+        "INSUFFICIENT_STOCK" => PlaceError::InsufficientStock(product()?),
+        "MIXED_CURRENCIES" => PlaceError::MixedCurrencies,
+        "TOTAL_TOO_LARGE" => PlaceError::TotalTooLarge,
         other => return Err(sqlx::Error::Protocol(format!("place_orders: unknown refusal {other:?}"))),
     };
-    Ok(Outcome::Refused(refusal))
+    Ok(Outcome::Done(Err(refusal)))
 }
 
 /// The same failure for every order of the batch: the first gets the error
 /// itself, the others an equivalent one (`sqlx::Error` is not `Clone`).
 fn failed(e: sqlx::Error, n: usize) -> Vec<Outcome> {
-    let mut out: Vec<Outcome> = (1..n).map(|_| Outcome::Failed(duplicate(&e))).collect();
-    out.insert(0, Outcome::Failed(e));
+    let mut out: Vec<Outcome> = (1..n).map(|_| Outcome::Done(Err(duplicate(&e).into()))).collect();
+    out.insert(0, Outcome::Done(Err(e.into())));
     out
 }
 
@@ -259,6 +258,9 @@ mod tests {
         }
         let outcomes = failed(sqlx::Error::PoolTimedOut, 3);
         assert_eq!(outcomes.len(), 3);
-        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Failed(sqlx::Error::PoolTimedOut))));
+        let timed_out = |o: &Outcome| {
+            matches!(o, Outcome::Done(Err(PlaceError::Store(StoreError::Unavailable(sqlx::Error::PoolTimedOut)))))
+        };
+        assert!(outcomes.iter().all(timed_out));
     }
 }
