@@ -80,10 +80,7 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        // about one batch in flight per connection: a worker waits for a
-        // connection like a request would, and the batches grow while the
-        // workers are busy
-        let batcher = batch::Batcher::start(pool.clone(), max_connections as usize);
+        let batcher = batch::Batcher::start(pool.clone(), batch::workers(max_connections));
         Ok(PgStore { pool, batcher })
     }
 
