@@ -250,6 +250,7 @@ fn duplicate(e: &sqlx::Error) -> sqlx::Error {
         sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
         sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
         sqlx::Error::Tls(tls) => sqlx::Error::Tls(tls.to_string().into()),
+        sqlx::Error::Protocol(message) => sqlx::Error::Protocol(message.clone()),
         other => sqlx::Error::Protocol(other.to_string()),
     }
 }
