@@ -1,6 +1,10 @@
 //! The PostgreSQL backend: several instances share it. Expiry batches lock
 //! with `FOR UPDATE SKIP LOCKED`, so instances split the work instead of
 //! queueing behind each other, and rows are always locked in id order.
+//! Concurrent orders are placed in batches, one statement and one commit
+//! each (see [`batch`]).
+
+mod batch;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -22,9 +26,12 @@ use crate::domain::{
 
 pub struct PgStore {
     pool: PgPool,
+    /// Orders without idempotency key are placed in batches (group commit).
+    batcher: batch::Batcher,
 }
 
-/// `place_order` as one statement. `locked` takes the row locks in product
+/// One order as one statement: orders with an idempotency key, and orders
+/// of a batch that failed as a whole. `locked` takes the row locks in product
 /// id order (the order every transaction here uses, so none deadlock) and
 /// reads the latest stock; `ok` checks every line; `taken`, `o` and `l`
 /// write only when `ok`. The rows returned are the products as locked (stock
@@ -73,7 +80,8 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        let batcher = batch::Batcher::start(pool.clone(), batch::workers(max_connections));
+        Ok(PgStore { pool, batcher })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -150,7 +158,9 @@ async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> 
     let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
     let orders = with_lines(&mut **tx, orders).await?;
     // Sum per product and lock in product-id order, the order in which
-    // `place_order` locks, so that the two never deadlock. The lock is its
+    // `PLACE_ORDER` and the batches' `place_orders` lock (each batch locks
+    // all its products once, before taking any stock), so that none of
+    // them deadlock. The lock is its
     // own statement: an `UPDATE … FROM` takes its row locks in whatever
     // order its join reads the table (the soak test caught the deadlock).
     let mut returned: std::collections::BTreeMap<i64, i32> = Default::default();
@@ -221,68 +231,118 @@ impl PgStore {
         Ok(order.map(|order| Placed { order, created: false }))
     }
 
-    /// Places an order in one statement, so one round trip: lock the lines'
-    /// products in id order, check them all, and only if every check passes
-    /// take the stock and insert the order and its lines. Either all of it
-    /// happens or nothing does; the returned rows say why not.
-    async fn try_place(
+    /// Places one order with its own statement: orders with an idempotency
+    /// key (a key already used returns its order), and orders of a batch
+    /// that Postgres refused as a whole.
+    async fn place_alone(
         &self,
         customer: CustomerId,
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-    ) -> Result<Order, PlaceError> {
-        let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
-        let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
-        let rows = sqlx::query(PLACE_ORDER)
-            .bind(&pids)
-            .bind(&qtys)
-            .bind(pids.len() as i64)
-            .bind(customer.0)
-            .bind(now)
-            .bind(expires_at)
-            .bind(request.idempotency_key.as_deref())
-            .bind(fingerprint(request))
-            .bind(crate::domain::MAX_TOTAL_CENTS)
-            .fetch_all(&self.pool)
-            .await?;
-        let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
-        let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
+    ) -> Result<Placed, PlaceError> {
+        if let Some(key) = &request.idempotency_key {
+            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
+                return Ok(placed);
+            }
         }
-        let Some(id) = order_id else {
-            if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
-                return Err(PlaceError::UnknownProduct(*p));
+        let mut attempt = 0;
+        loop {
+            match try_place(&self.pool, customer, request, now, expires_at).await {
+                Ok(order) => return Ok(Placed { order, created: true }),
+                Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
+                    // the same key raced in from another request: answer with its order
+                    let key = request.idempotency_key.as_deref().unwrap_or_default();
+                    if let Some(placed) = self.existing_for_key(customer, key, request).await? {
+                        return Ok(placed);
+                    }
+                    return Err(PlaceError::Store(StoreError::Database(e)));
+                }
+                Err(PlaceError::Store(StoreError::Database(e))) if is_retryable(&e) && attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
             }
-            if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
-                return Err(PlaceError::InsufficientStock(*p));
-            }
-            let currency = &found[&pids[0]].2;
-            if found.values().any(|(_, _, c)| c != currency) {
-                return Err(PlaceError::MixedCurrencies);
-            }
-            return Err(PlaceError::TotalTooLarge);
-        };
-        let lines: Vec<OrderLine> = request
-            .lines
-            .iter()
-            .map(|(p, q)| OrderLine { product_id: *p, quantity: q.0, unit_price_cents: found[&p.0].1 })
-            .collect();
-        Ok(Order {
-            id: OrderId(id),
-            customer_id: customer,
-            status: OrderStatus::PendingPayment,
-            total_cents: lines.iter().map(|l| l.unit_price_cents as i64 * l.quantity as i64).sum(),
-            lines,
-            currency: found[&pids[0]].2.clone(),
-            // what the database stores (microsecond precision)
-            created_at: truncate_micros(now),
-            expires_at: truncate_micros(expires_at),
-            paid_at: None,
-            cancelled_at: None,
-            cancel_reason: None,
-        })
+        }
+    }
+}
+
+/// Places an order in one statement, so one round trip: lock the lines'
+/// products in id order, check them all, and only if every check passes
+/// take the stock and insert the order and its lines. Either all of it
+/// happens or nothing does; the returned rows say why not.
+async fn try_place(
+    pool: &PgPool,
+    customer: CustomerId,
+    request: &OrderRequest,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<Order, PlaceError> {
+    let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
+    let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
+    let rows = sqlx::query(PLACE_ORDER)
+        .bind(&pids)
+        .bind(&qtys)
+        .bind(pids.len() as i64)
+        .bind(customer.0)
+        .bind(now)
+        .bind(expires_at)
+        .bind(request.idempotency_key.as_deref())
+        .bind(fingerprint(request))
+        .bind(crate::domain::MAX_TOTAL_CENTS)
+        .fetch_all(pool)
+        .await?;
+    let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
+    let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
+    }
+    let Some(id) = order_id else {
+        if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
+            return Err(PlaceError::UnknownProduct(*p));
+        }
+        if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
+            return Err(PlaceError::InsufficientStock(*p));
+        }
+        let currency = &found[&pids[0]].2;
+        if found.values().any(|(_, _, c)| c != currency) {
+            return Err(PlaceError::MixedCurrencies);
+        }
+        return Err(PlaceError::TotalTooLarge);
+    };
+    let prices: Vec<i32> = request.lines.iter().map(|(p, _)| found[&p.0].1).collect();
+    let currency = found[&pids[0]].2.clone();
+    Ok(placed_order(OrderId(id), customer, request, currency, &prices, now, expires_at))
+}
+
+/// The order as placed, as a later read returns it: `prices` are the lines'
+/// unit prices in the request's line order.
+fn placed_order(
+    id: OrderId,
+    customer: CustomerId,
+    request: &OrderRequest,
+    currency: String,
+    prices: &[i32],
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Order {
+    let lines: Vec<OrderLine> = request
+        .lines
+        .iter()
+        .zip(prices)
+        .map(|((p, q), price)| OrderLine { product_id: *p, quantity: q.0, unit_price_cents: *price })
+        .collect();
+    Order {
+        id,
+        customer_id: customer,
+        status: OrderStatus::PendingPayment,
+        total_cents: lines.iter().map(|l| l.unit_price_cents as i64 * l.quantity as i64).sum(),
+        lines,
+        currency,
+        // what the database stores (microsecond precision)
+        created_at: truncate_micros(now),
+        expires_at: truncate_micros(expires_at),
+        paid_at: None,
+        cancelled_at: None,
+        cancel_reason: None,
     }
 }
 
@@ -393,25 +453,21 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<Placed, PlaceError> {
-        if let Some(key) = &request.idempotency_key {
-            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
-                return Ok(placed);
-            }
+        if request.idempotency_key.is_some() {
+            // rare, and their unique-key races are simplest answered one by one
+            return self.place_alone(customer, request, now, expires_at).await;
         }
         let mut attempt = 0;
         loop {
-            match self.try_place(customer, request, now, expires_at).await {
-                Ok(order) => return Ok(Placed { order, created: true }),
-                Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
-                    // the same key raced in from another request: answer with its order
-                    let key = request.idempotency_key.as_deref().unwrap_or_default();
-                    if let Some(placed) = self.existing_for_key(customer, key, request).await? {
-                        return Ok(placed);
-                    }
-                    return Err(PlaceError::Store(StoreError::Database(e)));
+            match self.batcher.place(customer, request, now, expires_at).await {
+                batch::Outcome::Done(Ok(order)) => return Ok(Placed { order, created: true }),
+                batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e))))
+                    if is_retryable(&e) && attempt < 5 =>
+                {
+                    attempt += 1
                 }
-                Err(PlaceError::Store(StoreError::Database(e))) if is_retryable(&e) && attempt < 5 => attempt += 1,
-                Err(e) => return Err(e),
+                batch::Outcome::Done(Err(e)) => return Err(e),
+                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at).await,
             }
         }
     }
