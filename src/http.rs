@@ -221,13 +221,15 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
 fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
     // Small buffers: they are allocated per connection up front, and
     // subscription traffic is small messages (tungstenite's default is 128 KiB).
+    // The read buffer is zeroed before every read attempt, so it is smaller
+    // still: clients send a few short messages (a longer one takes a few reads).
     // Writes are flushed per message, except frames that were ready together
     // (`ws`), which share a write up to this size.
     let upgrade = upgrade
         .protocols(Protocol::NAMES)
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(512)
         .write_buffer_size(8 * 1024);
     let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
     let permit = state.ws_permits.clone().try_acquire_owned();

@@ -82,6 +82,9 @@ type Outgoing = (String, Option<Response>);
 const OUTGOING_BUFFER: usize = 32;
 /// Frames of shared executions written with one flush at most.
 const WRITE_BATCH: usize = 64;
+/// Writes of shared frames after which the socket's read side is polled
+/// even if more frames are waiting.
+const READ_EVERY: u32 = 16;
 
 /// An operation running on this connection: its own task, or its place in a
 /// shared execution. Dropping it stops it (and counts a subscription less).
@@ -234,8 +237,18 @@ pub async fn serve(
     let mut keepalive = tokio::time::interval(settings.keepalive);
     keepalive.reset();
 
+    // shared-execution turns since the socket's read side was last polled
+    let mut turns_without_read = 0u32;
+
     loop {
         tokio::select! {
+            // Frames of shared executions first: nearly every wake-up is one,
+            // and polling the other branches on each cost more than the write
+            // (the read side zeroes its buffer before each attempt). The rest
+            // are still polled whenever no frame is ready, and at least every
+            // READ_EVERY turns (the last branch), so a connection that always
+            // has frames waiting still reads its client's messages.
+            biased;
             _ = &mut shutting_down => {
                 conn.close(1001, "server shutting down").await;
                 break;
@@ -244,19 +257,8 @@ pub async fn serve(
                 conn.close(4408, "Connection initialisation timeout").await;
                 break;
             }
-            Some((id, item)) = outgoing.recv() => {
-                if !running.contains_key(&id) {
-                    // stopped by the client meanwhile
-                    continue;
-                }
-                let frame = item.as_ref().map_or(Frame::Complete, Frame::render);
-                if !matches!(frame, Frame::Next(_)) {
-                    // completed, or refused before or while running: the error ends it
-                    running.remove(&id);
-                }
-                if !conn.frame(&id, &frame).await { break; }
-            }
-            Some(first) = shared.next(), if !shared.is_empty() => {
+            Some(first) = shared.next(), if !shared.is_empty() && turns_without_read < READ_EVERY => {
+                turns_without_read += 1;
                 // whatever else is ready goes out in the same write: a client
                 // that fell behind catches up in few syscalls
                 let mut ready = Some(first);
@@ -280,6 +282,18 @@ pub async fn serve(
                 }
                 if !conn.send_all(texts).await { break; }
             }
+            Some((id, item)) = outgoing.recv() => {
+                if !running.contains_key(&id) {
+                    // stopped by the client meanwhile
+                    continue;
+                }
+                let frame = item.as_ref().map_or(Frame::Complete, Frame::render);
+                if !matches!(frame, Frame::Next(_)) {
+                    // completed, or refused before or while running: the error ends it
+                    running.remove(&id);
+                }
+                if !conn.frame(&id, &frame).await { break; }
+            }
             _ = keepalive.tick() => {
                 let ping = match protocol {
                     Protocol::TransportWs => json!({"type": "ping"}),
@@ -288,6 +302,7 @@ pub async fn serve(
                 if !conn.send(ping).await { break; }
             }
             msg = source.next() => {
+                turns_without_read = 0;
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
@@ -391,6 +406,10 @@ pub async fn serve(
                         break;
                     }
                 }
+            }
+            // only reached when the read side was polled and had nothing
+            () = std::future::ready(()), if turns_without_read >= READ_EVERY => {
+                turns_without_read = 0;
             }
         }
     }

@@ -324,7 +324,8 @@ async fn connect(
     ),
     tokio_tungstenite::tungstenite::Error,
 > {
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 * 1024);
+    // small: tungstenite zeroes the read buffer before every read attempt
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(512);
     tokio_tungstenite::connect_async_with_config(req, Some(config), true).await
 }
 
@@ -398,14 +399,19 @@ pub async fn subscribe(
     let msg = json!({"id": "1", "type": "subscribe", "payload": {"query": ORDER_CANCELLED}});
     ws.send(Message::text(msg.to_string())).await?;
     Ok(tokio::spawn(async move {
-        let (mut write, mut read) = ws.split();
+        // made once, and the socket not split: per delivery, a fresh
+        // `changed()` waiter and the split halves' lock cost the harness
+        // CPU that the server it measures shares
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = stop.changed() => {
-                    let _ = write.send(Message::Close(None)).await;
+                biased;
+                _ = &mut stopped => {
+                    let _ = ws.send(Message::Close(None)).await;
                     return;
                 }
-                m = read.next() => {
+                m = ws.next() => {
                     let recv_ms = now_ms();
                     let text = match m {
                         Some(Ok(Message::Text(t))) => t,
@@ -458,7 +464,7 @@ pub async fn subscribe(
                             let _ = tx.send(SubEvent::Delivery(d));
                         }
                         Some("ping") => {
-                            let _ = write.send(Message::text(r#"{"type":"pong"}"#)).await;
+                            let _ = ws.send(Message::text(r#"{"type":"pong"}"#)).await;
                         }
                         Some("error") | Some("complete") => {
                             let _ = tx.send(SubEvent::Ended(sub, text.to_string()));
@@ -470,6 +476,26 @@ pub async fn subscribe(
             }
         }
     }))
+}
+
+/// The runtime the subscribers' sockets are read on: one thread of its
+/// own. Thousands of sockets woken together cost a multi-threaded runtime a
+/// cross-thread wake-up per delivery; on one thread they are read in turn
+/// from one `epoll` wait, and the other core stays with the server.
+fn subscribers_runtime() -> tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the subscribers' runtime");
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name("subscribers".into())
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .expect("the subscribers' thread");
+            handle
+        })
+        .clone()
 }
 
 /// How often [`Subscribers::collect`] drains the deliveries.
@@ -495,24 +521,30 @@ impl Subscribers {
         let (stop, stop_rx) = watch::channel(false);
         let started = Instant::now();
         let jobs: Vec<(usize, String)> = (0..n).map(|i| (i, token(i))).collect();
-        let results: Vec<Result<tokio::task::JoinHandle<()>>> = futures_util::stream::iter(jobs)
-            .map(|(i, t)| {
-                let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
-                async move {
-                    let mut last = None;
-                    for attempt in 0..3 {
-                        match subscribe(ws_url, &t, i, tx.clone(), stop_rx.clone()).await {
-                            Ok(h) => return Ok(h),
-                            Err(e) => last = Some(e),
+        let ws_url = ws_url.to_string();
+        // connected (and so run) on the subscribers' own runtime
+        let connecting = subscribers_runtime().spawn(async move {
+            let ws_url = ws_url.as_str();
+            futures_util::stream::iter(jobs)
+                .map(|(i, t)| {
+                    let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
+                    async move {
+                        let mut last = None;
+                        for attempt in 0..3 {
+                            match subscribe(ws_url, &t, i, tx.clone(), stop_rx.clone()).await {
+                                Ok(h) => return Ok(h),
+                                Err(e) => last = Some(e),
+                            }
+                            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                        Err(last.expect("an error"))
                     }
-                    Err(last.expect("an error"))
-                }
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
+                })
+                .buffer_unordered(concurrency.max(1))
+                .collect::<Vec<Result<tokio::task::JoinHandle<()>>>>()
+                .await
+        });
+        let results = connecting.await.map_err(|e| anyhow!("connecting subscribers: {e}"))?;
         let connect_time = started.elapsed();
         let mut tasks = Vec::with_capacity(n);
         for r in results {
