@@ -141,7 +141,7 @@ impl App {
             ws: Arc::new(WsSettings {
                 max_subscriptions: config.ws_max_subscriptions,
                 init_timeout: config.ws_init_timeout,
-                keepalive: Duration::from_secs(15),
+                keepalive: config.ws_keepalive,
                 hubs: Default::default(),
             }),
             ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),

@@ -30,6 +30,9 @@ pub struct Config {
     pub ws_max_connections: usize,
     pub ws_max_subscriptions: usize,
     pub ws_init_timeout: Duration,
+    /// How often an idle-or-not websocket gets a keep-alive (`ping`, legacy
+    /// `ka`), so proxies with idle timeouts keep it open.
+    pub ws_keepalive: Duration,
     /// How long one HTTP request (body upload included) may take before it
     /// is answered with 408; websockets are not bound by it.
     pub request_timeout: Duration,
@@ -76,6 +79,7 @@ impl Default for Config {
             ws_max_connections: 20_000,
             ws_max_subscriptions: 100,
             ws_init_timeout: Duration::from_secs(10),
+            ws_keepalive: Duration::from_secs(15),
             request_timeout: Duration::from_secs(30),
             introspection: true,
             demo_dir: PathBuf::from("frontend-demo/dist"),
@@ -120,6 +124,8 @@ pub struct ConfigArgs {
     pub ws_max_subscriptions: Option<String>,
     #[arg(long, env = "WS_INIT_TIMEOUT")]
     pub ws_init_timeout: Option<String>,
+    #[arg(long, env = "WS_KEEPALIVE")]
+    pub ws_keepalive: Option<String>,
     /// How long one HTTP request may take (408 after).
     #[arg(long, env = "REQUEST_TIMEOUT")]
     pub request_timeout: Option<String>,
@@ -235,6 +241,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.ws_init_timeout {
             c.ws_init_timeout = duration("WS_INIT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.ws_keepalive {
+            c.ws_keepalive = duration("WS_KEEPALIVE", &v)?;
         }
         if let Some(v) = self.request_timeout {
             c.request_timeout = duration("REQUEST_TIMEOUT", &v)?;

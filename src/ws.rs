@@ -13,11 +13,20 @@
 //! subscription id, 4429 second `connection_init`, 1013 connection limit,
 //! 1001 server shutting down.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{Context, Poll, Wake, Waker},
+    time::Duration,
+};
 
 use async_graphql::{Request, Response};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{task::AtomicWaker, FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::{sync::mpsc, task::AbortHandle};
@@ -72,6 +81,8 @@ struct ClientMessage {
 
 /// How long one write may wait for a client that does not read.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closed connection waits for the client's answering Close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Responses of the connection's operations, tagged with the operation id;
 /// `None` when the operation has ended.
@@ -82,9 +93,45 @@ type Outgoing = (String, Option<Response>);
 const OUTGOING_BUFFER: usize = 32;
 /// Frames of shared executions written with one flush at most.
 const WRITE_BATCH: usize = 64;
-/// Writes of shared frames after which the socket's read side is polled
-/// even if more frames are waiting.
-const READ_EVERY: u32 = 16;
+
+/// What woke a connection's task.
+enum Event {
+    Shutdown,
+    InitTimeout,
+    /// A response of one of the connection's own operations.
+    Outgoing(Outgoing),
+    /// A frame of a shared execution (more may be ready).
+    Shared((String, Result<Frame, BroadcastStreamRecvError>)),
+    Keepalive,
+    /// A message from the client, an error, or the end of the socket.
+    Client(Option<Result<Message, axum::Error>>),
+}
+
+/// The waker of the connection's sources other than shared frames: records
+/// that one of them is ready before waking the task, so that a wake-up by a
+/// delivery leaves them unpolled.
+struct QuietWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for QuietWake {
+    /// Woken: the first turn polls (and so registers) every source.
+    fn default() -> Self {
+        QuietWake { woken: AtomicBool::new(true), task: AtomicWaker::new() }
+    }
+}
+
+impl Wake for QuietWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
 
 /// An operation running on this connection: its own task, or its place in a
 /// shared execution. Dropping it stops it (and counts a subscription less).
@@ -237,28 +284,58 @@ pub async fn serve(
     let mut keepalive = tokio::time::interval(settings.keepalive);
     keepalive.reset();
 
-    // shared-execution turns since the socket's read side was last polled
-    let mut turns_without_read = 0u32;
+    // the sources other than shared frames wake the task through this
+    let quiet = Arc::new(QuietWake::default());
+    let quiet_waker = Waker::from(quiet.clone());
 
     loop {
-        tokio::select! {
-            // Frames of shared executions first: nearly every wake-up is one,
-            // and polling the other branches on each cost more than the write
-            // (the read side zeroes its buffer before each attempt). The rest
-            // are still polled whenever no frame is ready, and at least every
-            // READ_EVERY turns (the last branch), so a connection that always
-            // has frames waiting still reads its client's messages.
-            biased;
-            _ = &mut shutting_down => {
+        let event = std::future::poll_fn(|cx| {
+            // Everything but shared frames is polled only when one of those
+            // sources woke the task: nearly every wake-up is a delivery, and
+            // polling the socket's read side, the operations' queue, the
+            // timers and the shutdown signal on each cost more than writing
+            // the frame. They come first when they did wake it, so a
+            // connection that always has frames waiting still reads its client.
+            if quiet.woken.swap(false, Ordering::AcqRel) {
+                quiet.task.register(cx.waker());
+                let mut qcx = Context::from_waker(&quiet_waker);
+                let ready = if shutting_down.as_mut().poll(&mut qcx).is_ready() {
+                    Some(Event::Shutdown)
+                } else if identity.is_none() && init_deadline.as_mut().poll(&mut qcx).is_ready() {
+                    Some(Event::InitTimeout)
+                } else if let Poll::Ready(Some(out)) = outgoing.poll_recv(&mut qcx) {
+                    Some(Event::Outgoing(out))
+                } else if keepalive.poll_tick(&mut qcx).is_ready() {
+                    Some(Event::Keepalive)
+                } else if let Poll::Ready(msg) = source.poll_next_unpin(&mut qcx) {
+                    Some(Event::Client(msg))
+                } else {
+                    None
+                };
+                if let Some(event) = ready {
+                    // the ones after it were not polled: next time round they are
+                    quiet.woken.store(true, Ordering::Release);
+                    return Poll::Ready(event);
+                }
+            }
+            if !shared.is_empty() {
+                if let Poll::Ready(Some(first)) = shared.poll_next_unpin(cx) {
+                    return Poll::Ready(Event::Shared(first));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Shutdown => {
                 conn.close(1001, "server shutting down").await;
                 break;
             }
-            _ = &mut init_deadline, if identity.is_none() => {
+            Event::InitTimeout => {
                 conn.close(4408, "Connection initialisation timeout").await;
                 break;
             }
-            Some(first) = shared.next(), if !shared.is_empty() && turns_without_read < READ_EVERY => {
-                turns_without_read += 1;
+            Event::Shared(first) => {
                 // whatever else is ready goes out in the same write: a client
                 // that fell behind catches up in few syscalls
                 let mut ready = Some(first);
@@ -266,10 +343,9 @@ pub async fn serve(
                 while let Some((id, item)) = ready.take() {
                     let frame = match item {
                         Ok(frame) => frame,
-                        Err(BroadcastStreamRecvError::Lagged(n)) => Frame::Error(std::sync::Arc::new((
-                            fell_behind(n, false),
-                            fell_behind(n, true),
-                        ))),
+                        Err(BroadcastStreamRecvError::Lagged(n)) => {
+                            Frame::Error(std::sync::Arc::new((fell_behind(n, false), fell_behind(n, true))))
+                        }
                     };
                     if !matches!(frame, Frame::Next(_)) {
                         running.remove(&id);
@@ -280,9 +356,11 @@ pub async fn serve(
                         ready = shared.next().now_or_never().flatten();
                     }
                 }
-                if !conn.send_all(texts).await { break; }
+                if !conn.send_all(texts).await {
+                    break;
+                }
             }
-            Some((id, item)) = outgoing.recv() => {
+            Event::Outgoing((id, item)) => {
                 if !running.contains_key(&id) {
                     // stopped by the client meanwhile
                     continue;
@@ -292,17 +370,20 @@ pub async fn serve(
                     // completed, or refused before or while running: the error ends it
                     running.remove(&id);
                 }
-                if !conn.frame(&id, &frame).await { break; }
+                if !conn.frame(&id, &frame).await {
+                    break;
+                }
             }
-            _ = keepalive.tick() => {
+            Event::Keepalive => {
                 let ping = match protocol {
                     Protocol::TransportWs => json!({"type": "ping"}),
                     Protocol::Legacy => json!({"type": "ka"}),
                 };
-                if !conn.send(ping).await { break; }
+                if !conn.send(ping).await {
+                    break;
+                }
             }
-            msg = source.next() => {
-                turns_without_read = 0;
+            Event::Client(msg) => {
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
@@ -322,12 +403,18 @@ pub async fn serve(
                             conn.close(4429, "Too many initialisation requests").await;
                             break;
                         }
-                        let who = credential(&msg.payload).map_err(|_| ()).and_then(|c| auth.authenticate(c.as_deref()).map_err(|_| ()));
+                        let who = credential(&msg.payload)
+                            .map_err(|_| ())
+                            .and_then(|c| auth.authenticate(c.as_deref()).map_err(|_| ()));
                         match who {
                             Ok(who) => {
                                 identity = Some(who);
-                                if !conn.send(json!({"type": "connection_ack"})).await { break; }
-                                if protocol == Protocol::Legacy && !conn.send(json!({"type": "ka"})).await { break; }
+                                if !conn.send(json!({"type": "connection_ack"})).await {
+                                    break;
+                                }
+                                if protocol == Protocol::Legacy && !conn.send(json!({"type": "ka"})).await {
+                                    break;
+                                }
                             }
                             Err(()) => {
                                 conn.close(4403, "Forbidden: invalid or expired credentials").await;
@@ -357,16 +444,18 @@ pub async fn serve(
                                 "message": format!("too many subscriptions on this connection (at most {})", settings.max_subscriptions),
                                 "extensions": {"code": errors::RATE_LIMITED},
                             }]);
-                            if !conn.error(&id, err).await { break; }
+                            if !conn.error(&id, err).await {
+                                break;
+                            }
                             continue;
                         }
                         let plan = shared_subscriptions::plan(&request, who);
                         let subscription = plan.subscription;
                         if plan.shareable() {
                             let schema = schema.clone();
-                            let member = settings.hubs.join(plan, move || {
-                                schema.execute_stream(request.data(who).data(client)).boxed()
-                            });
+                            let member = settings
+                                .hubs
+                                .join(plan, move || schema.execute_stream(request.data(who).data(client)).boxed());
                             shared.insert(id.clone(), BroadcastStream::new(member.frames));
                             running.insert(id, Running::new(None, Some(member.hub), true));
                             continue;
@@ -394,7 +483,9 @@ pub async fn serve(
                         }
                     }
                     (Protocol::TransportWs, "ping") => {
-                        if !conn.send(json!({"type": "pong"})).await { break; }
+                        if !conn.send(json!({"type": "pong"})).await {
+                            break;
+                        }
                     }
                     (Protocol::TransportWs, "pong") => {}
                     (Protocol::Legacy, "connection_terminate") => {
@@ -407,14 +498,16 @@ pub async fn serve(
                     }
                 }
             }
-            // only reached when the read side was polled and had nothing
-            () = std::future::ready(()), if turns_without_read >= READ_EVERY => {
-                turns_without_read = 0;
-            }
         }
     }
     // dropping them stops them
     drop(running);
+    // Read what the client still sends until its answering Close (or the
+    // end), as RFC 6455 asks of the side that closed: a socket closed with
+    // unread data in it is reset, and the reset throws away the Close frame
+    // (and its code) before the client reads it.
+    let rest = source.take_while(|m| std::future::ready(m.is_ok())).for_each(|_| async {});
+    let _ = tokio::time::timeout(CLOSE_WAIT, rest).await;
     telemetry::ws_connections(-1.0);
 }
 

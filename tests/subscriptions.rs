@@ -14,7 +14,7 @@ use common::{
     ws::WsClient,
     Backend, TestApp, ADMIN, JWT_SECRET,
 };
-use futures_util::{future::join_all, stream, StreamExt};
+use futures_util::{future::join_all, stream, SinkExt, StreamExt};
 use serde_json::{json, Value};
 
 const TRANSPORT: &str = "graphql-transport-ws";
@@ -710,6 +710,63 @@ async fn a_slow_reader_does_not_hold_up_a_fast_one() {
         assert_eq!(counts[&format!("q{i}")], 2, "q{i}: the answer and complete");
     }
     slow.assert_silent(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_and_client_messages_are_served_while_events_stream_in() {
+    use tokio_tungstenite::tungstenite::Message;
+    let app = common::spawn_app_with(Backend::Sqlite, |c| c.ws_keepalive = Duration::from_millis(100)).await;
+    let (product, token, _) = shop(&app).await;
+    for protocol in PROTOCOLS {
+        let (keepalive, data) = if protocol == LEGACY { ("ka", "data") } else { ("ping", "next") };
+        let mut c = WsClient::init(&app.ws_url, protocol, Some(ADMIN)).await;
+        c.subscribe("all", ORDER_CANCELLED, variables(None)).await;
+        c.barrier().await;
+        let mut orders = Vec::new();
+        for _ in 0..20 {
+            orders.push(app.order_id(&token, &[(&product, 1)]).await);
+        }
+        // a cancellation every 50 ms for a second, while the socket is read
+        let cancelling = async {
+            for order in &orders {
+                assert_eq!(app.cancel(&token, order).await["data"]["cancelOrder"]["status"], "CANCELLED");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let reading = async {
+            let (mut events, mut keepalives, mut answered) = (0, 0, false);
+            let query = json!({"id": "q", "type": if protocol == LEGACY { "start" } else { "subscribe" },
+                "payload": {"query": "{ products(first: 1) { pageInfo { hasNextPage } } }"}});
+            while events < orders.len() || !answered {
+                let msg = tokio::time::timeout(Duration::from_secs(10), c.socket.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("{protocol}: stalled after {events} events, {keepalives} keep-alives"));
+                let Some(Ok(Message::Text(text))) = msg else { panic!("{protocol}: socket ended: {msg:?}") };
+                let v: Value = serde_json::from_str(text.as_str()).unwrap();
+                match (v["type"].as_str().unwrap_or_default(), v["id"].as_str()) {
+                    (t, None) if t == keepalive => keepalives += 1,
+                    (t, Some("all")) if t == data => {
+                        events += 1;
+                        if events == 5 {
+                            // a query mid-stream: read, run and answered between events
+                            c.socket.send(Message::text(query.to_string())).await.unwrap();
+                        }
+                    }
+                    (t, Some("q")) if t == data => {
+                        assert!(v["payload"].get("errors").is_none(), "{protocol}: {v}");
+                        answered = true;
+                    }
+                    ("complete", Some("q")) | ("pong", None) => {}
+                    _ => panic!("{protocol}: unexpected {v}"),
+                }
+            }
+            keepalives
+        };
+        let ((), keepalives) = tokio::join!(cancelling, reading);
+        // a second of events at a 100 ms keep-alive: ten or so, and not
+        // crowded out by the events
+        assert!(keepalives >= 4, "{protocol}: only {keepalives} keep-alives in a second of events");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
