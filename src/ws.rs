@@ -344,7 +344,7 @@ pub async fn serve(
                     let frame = match item {
                         Ok(frame) => frame,
                         Err(BroadcastStreamRecvError::Lagged(n)) => {
-                            Frame::Error(std::sync::Arc::new((fell_behind(n, false), fell_behind(n, true))))
+                            Frame::Error(Arc::new((fell_behind(n, false), fell_behind(n, true))))
                         }
                     };
                     if !matches!(frame, Frame::Next(_)) {

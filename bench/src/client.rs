@@ -478,26 +478,6 @@ pub async fn subscribe(
     }))
 }
 
-/// The runtime the subscribers' sockets are read on: one thread of its
-/// own. Thousands of sockets woken together cost a multi-threaded runtime a
-/// cross-thread wake-up per delivery; on one thread they are read in turn
-/// from one `epoll` wait, and the other core stays with the server.
-fn subscribers_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            let rt =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the subscribers' runtime");
-            let handle = rt.handle().clone();
-            std::thread::Builder::new()
-                .name("subscribers".into())
-                .spawn(move || rt.block_on(std::future::pending::<()>()))
-                .expect("the subscribers' thread");
-            handle
-        })
-        .clone()
-}
-
 /// How often [`Subscribers::collect`] drains the deliveries.
 const COLLECT_POLL: Duration = Duration::from_millis(2);
 
@@ -521,30 +501,24 @@ impl Subscribers {
         let (stop, stop_rx) = watch::channel(false);
         let started = Instant::now();
         let jobs: Vec<(usize, String)> = (0..n).map(|i| (i, token(i))).collect();
-        let ws_url = ws_url.to_string();
-        // connected (and so run) on the subscribers' own runtime
-        let connecting = subscribers_runtime().spawn(async move {
-            let ws_url = ws_url.as_str();
-            futures_util::stream::iter(jobs)
-                .map(|(i, t)| {
-                    let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
-                    async move {
-                        let mut last = None;
-                        for attempt in 0..3 {
-                            match subscribe(ws_url, &t, i, tx.clone(), stop_rx.clone()).await {
-                                Ok(h) => return Ok(h),
-                                Err(e) => last = Some(e),
-                            }
-                            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        let results: Vec<Result<tokio::task::JoinHandle<()>>> = futures_util::stream::iter(jobs)
+            .map(|(i, t)| {
+                let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
+                async move {
+                    let mut last = None;
+                    for attempt in 0..3 {
+                        match subscribe(ws_url, &t, i, tx.clone(), stop_rx.clone()).await {
+                            Ok(h) => return Ok(h),
+                            Err(e) => last = Some(e),
                         }
-                        Err(last.expect("an error"))
+                        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
                     }
-                })
-                .buffer_unordered(concurrency.max(1))
-                .collect::<Vec<Result<tokio::task::JoinHandle<()>>>>()
-                .await
-        });
-        let results = connecting.await.map_err(|e| anyhow!("connecting subscribers: {e}"))?;
+                    Err(last.expect("an error"))
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
         let connect_time = started.elapsed();
         let mut tasks = Vec::with_capacity(n);
         for r in results {
