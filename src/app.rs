@@ -130,9 +130,11 @@ impl App {
                 .delay(Duration::from_micros(200)),
             auth_limiter: RateLimiter::per_minute(config.auth_rate_limit_per_minute),
         });
-        let schema = graphql::build(services, config.introspection);
+        let documents = graphql::Documents::default();
+        let schema = graphql::build(services, documents.clone(), config.introspection);
         let state = HttpState {
             schema,
+            documents,
             auth,
             store: store.clone(),
             redis: conn,

@@ -26,7 +26,7 @@ use crate::{
     auth::Auth,
     events::EventBus,
     expiry::listener::ListenerState,
-    graphql::{errors, ClientAddr, ShopSchema},
+    graphql::{errors, ClientAddr, Documents, ShopSchema},
     store::Store,
     telemetry,
     ws::{self, Protocol, WsSettings},
@@ -36,6 +36,8 @@ use crate::{
 #[derive(Clone)]
 pub struct HttpState {
     pub schema: ShopSchema,
+    /// The schema's documents, to judge a whole batch before any of it runs.
+    pub documents: Documents,
     pub auth: Arc<Auth>,
     pub store: Arc<dyn Store>,
     pub redis: ConnectionManager,
@@ -54,6 +56,10 @@ pub struct HttpState {
 pub const MAX_BATCH: usize = 10;
 /// Bytes of a request body.
 pub const MAX_BODY: usize = 256 * 1024;
+/// Bytes of one response body. The cost limits keep every answer far
+/// below it; this stops whatever they did not foresee from growing without
+/// bound (the response is refused, not truncated).
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes of one websocket message.
 pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 
@@ -90,6 +96,7 @@ async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next
 }
 
 fn error_body(status: StatusCode, message: &str, code: &str) -> Response {
+    let message = errors::clip(message);
     (status, Json(json!({"errors": [{"message": message, "extensions": {"code": code}}]}))).into_response()
 }
 
@@ -111,6 +118,16 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
             return error_body(status, &e.to_string(), errors::UNAUTHENTICATED);
         }
     };
+    if let Err(e) = state.documents.check_request(&batch) {
+        // the whole batch is refused before any of it runs
+        let refused = |_| async_graphql::Response::from_errors(vec![e.clone()]);
+        let response = match &batch {
+            BatchRequest::Single(_) => BatchResponse::Single(refused(())),
+            BatchRequest::Batch(v) => BatchResponse::Batch(v.iter().map(|_| refused(())).collect()),
+        };
+        let status = if modern { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+        return graphql_response(status, modern, &response);
+    }
     // timed per operation by the schema's `RequestMetrics` extension
     let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
     let request_error = match &response {
@@ -120,10 +137,41 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
         BatchResponse::Batch(_) => false,
     };
     let status = if modern && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    graphql_response(status, modern, &response)
+}
+
+/// A GraphQL response as the client asked for it, refused with a coded
+/// error if its body would pass [`MAX_RESPONSE_BYTES`].
+fn graphql_response(status: StatusCode, modern: bool, response: &BatchResponse) -> Response {
     let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
-    let mut res = (status, Json(response)).into_response();
+    let mut body = BoundedBody::default();
+    if serde_json::to_writer(&mut body, response).is_err() {
+        telemetry::response_too_large();
+        let message =
+            format!("the response would exceed {MAX_RESPONSE_BYTES} bytes; ask for smaller pages or fewer fields");
+        return error_body(StatusCode::OK, &message, errors::QUERY_TOO_COMPLEX);
+    }
+    let mut res = (status, body.0).into_response();
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
+}
+
+/// A response body that refuses to grow past [`MAX_RESPONSE_BYTES`].
+#[derive(Default)]
+struct BoundedBody(Vec<u8>);
+
+impl std::io::Write for BoundedBody {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RESPONSE_BYTES {
+            return Err(std::io::Error::other("response too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn graphql_post(

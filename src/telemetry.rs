@@ -138,3 +138,8 @@ pub fn db_pool(in_use: u32, idle: u32) {
     gauge!("shopgraph_db_pool_connections", "state" => "in_use").set(in_use as f64);
     gauge!("shopgraph_db_pool_connections", "state" => "idle").set(idle as f64);
 }
+
+/// A response refused because its body would pass the response-size cap.
+pub fn response_too_large() {
+    counter!("shopgraph_graphql_responses_too_large_total").increment(1);
+}

@@ -79,3 +79,43 @@ pub fn code_engine_error(mut e: ServerError) -> ServerError {
     e.extensions.get_or_insert_with(Default::default).set("code", code);
     e
 }
+
+/// A limit refused the document before it ran.
+pub fn too_complex(message: String) -> ServerError {
+    server_error(message, QUERY_TOO_COMPLEX)
+}
+
+/// The document cannot run as written (a fragment cycle, say).
+pub fn bad_document(message: String) -> ServerError {
+    server_error(message, BAD_USER_INPUT)
+}
+
+fn server_error(message: String, code: &'static str) -> ServerError {
+    let mut e = ServerError::new(message, None);
+    e.extensions.get_or_insert_with(Default::default).set("code", code);
+    e
+}
+
+/// Bytes of an error message a client gets back. Messages quote client
+/// input (an id, an email, a field name); a long input is cut here so no
+/// response echoes it in full, however many errors it causes.
+pub const MAX_MESSAGE_BYTES: usize = 300;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] at a character boundary, with `…`.
+pub fn clip(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.into();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end]).into()
+}
+
+pub fn clip_message(mut e: ServerError) -> ServerError {
+    if e.message.len() > MAX_MESSAGE_BYTES {
+        e.message = clip(&e.message).into_owned();
+    }
+    e
+}

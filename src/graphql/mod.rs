@@ -6,11 +6,9 @@ use std::{net::IpAddr, sync::Arc};
 use async_graphql::{
     dataloader::DataLoader,
     extensions::{
-        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextSubscribe,
-        NextValidation,
+        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextRequest, NextSubscribe, NextValidation,
     },
-    parser::types::{ExecutableDocument, Selection, SelectionSet},
-    Context, Response, Schema, ServerError, ServerResult, ValidationResult, Variables,
+    Context, Response, Schema, ServerError, ValidationResult,
 };
 use futures_util::{stream::BoxStream, StreamExt};
 
@@ -22,6 +20,8 @@ use crate::{
     store::Store,
 };
 
+mod cost;
+mod documents;
 pub mod errors;
 mod mutation;
 mod query;
@@ -56,28 +56,19 @@ pub fn identity(ctx: &Context<'_>) -> Identity {
     ctx.data_opt::<Identity>().copied().unwrap_or(Identity::Anonymous)
 }
 
-/// Query limits: deep or costly documents are refused before any resolver runs.
-/// Deep enough for the standard introspection query (15), which GraphiQL and codegen send.
-pub const MAX_DEPTH: usize = 16;
-pub const MAX_COMPLEXITY: usize = 2_000;
-/// Aliased fields in one document (operations and fragments). Complexity
-/// alone would let ~1,000 aliases of a cheap root field each run a query.
-pub const MAX_ALIASES: usize = 50;
-/// Bytes of one query document.
-pub const MAX_QUERY_BYTES: usize = 32 * 1024;
+pub use cost::{MAX_ALIASES, MAX_COMPLEXITY, MAX_DEPTH, MAX_DIRECTIVES};
+pub use documents::{Documents, MAX_QUERY_BYTES};
 
-pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {
+/// The schema, its documents judged by `documents` before they run. With
+/// introspection off, error messages suggest no field names either.
+pub fn build(services: Arc<Services>, documents: Documents, introspection: bool) -> ShopSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .data(services)
-        .limit_depth(MAX_DEPTH)
-        .limit_complexity(MAX_COMPLEXITY)
-        .limit_recursive_depth(32)
-        .limit_directives(10)
+        .extension(documents)
         .extension(EngineErrorCodes)
-        .extension(RequestMetrics)
-        .extension(DocumentCache::default());
+        .extension(RequestMetrics);
     if !introspection {
-        builder = builder.disable_introspection();
+        builder = builder.disable_introspection().disable_suggestions();
     }
     builder.finish()
 }
@@ -87,44 +78,6 @@ pub fn sdl() -> String {
     Schema::build(Query, Mutation, Subscription).finish().sdl()
 }
 
-/// Parsed documents by query text. Storefronts send the same few documents
-/// over and over; parsing one costs more than cloning it (about 7 % of the
-/// server's CPU per `createOrder` before this cache).
-#[derive(Default)]
-struct DocumentCache(Arc<std::sync::Mutex<std::collections::HashMap<String, ExecutableDocument>>>);
-
-/// Distinct documents kept; past that the cache starts again (a client
-/// sending ever-new documents just gets no benefit).
-const DOCUMENT_CACHE_SIZE: usize = 256;
-
-impl ExtensionFactory for DocumentCache {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(DocumentCache(self.0.clone()))
-    }
-}
-
-#[async_trait::async_trait]
-impl Extension for DocumentCache {
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        if let Some(doc) = self.0.lock().expect("cache lock").get(query) {
-            return Ok(doc.clone());
-        }
-        let doc = next.run(ctx, query, variables).await?;
-        let mut cache = self.0.lock().expect("cache lock");
-        if cache.len() >= DOCUMENT_CACHE_SIZE {
-            cache.clear();
-        }
-        cache.insert(query.to_string(), doc.clone());
-        Ok(doc)
-    }
-}
-
 /// Gives the engine's own errors (syntax, validation, limits, and those it
 /// raises later: an unknown operation name, a missing or ill-typed variable)
 /// contract codes, over HTTP and websockets alike.
@@ -132,7 +85,8 @@ struct EngineErrorCodes;
 
 fn code_response(mut response: Response) -> Response {
     if !response.errors.is_empty() {
-        response.errors = response.errors.into_iter().map(errors::code_engine_error).collect();
+        response.errors =
+            response.errors.into_iter().map(errors::code_engine_error).map(errors::clip_message).collect();
     }
     response
 }
@@ -156,27 +110,6 @@ impl Extension for EngineErrorCodes {
         next: NextSubscribe<'_>,
     ) -> BoxStream<'s, Response> {
         next.run(ctx, stream).map(code_response).boxed()
-    }
-
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        if query.len() > MAX_QUERY_BYTES {
-            return Err(too_complex(format!(
-                "the query document is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
-                query.len()
-            )));
-        }
-        let doc = next.run(ctx, query, variables).await.map_err(errors::code_engine_error)?;
-        let aliases = count_aliases(&doc);
-        if aliases > MAX_ALIASES {
-            return Err(too_complex(format!("the query uses {aliases} aliases; at most {MAX_ALIASES} are accepted")));
-        }
-        Ok(doc)
     }
 
     async fn validation(
@@ -226,31 +159,4 @@ impl Extension for RequestTimer {
         }
         next.run(ctx, operation_name).await
     }
-}
-
-fn too_complex(message: String) -> ServerError {
-    let mut e = ServerError::new(message, None);
-    e.extensions.get_or_insert_with(Default::default).set("code", errors::QUERY_TOO_COMPLEX);
-    e
-}
-
-/// Aliased fields in every operation and fragment of a document, each
-/// counted where it is written.
-fn count_aliases(doc: &ExecutableDocument) -> usize {
-    let mut stack: Vec<&SelectionSet> = doc.operations.iter().map(|(_, op)| &op.node.selection_set.node).collect();
-    stack.extend(doc.fragments.values().map(|f| &f.node.selection_set.node));
-    let mut n = 0;
-    while let Some(set) = stack.pop() {
-        for item in &set.items {
-            match &item.node {
-                Selection::Field(f) => {
-                    n += usize::from(f.node.alias.is_some());
-                    stack.push(&f.node.selection_set.node);
-                }
-                Selection::InlineFragment(f) => stack.push(&f.node.selection_set.node),
-                Selection::FragmentSpread(_) => {}
-            }
-        }
-    }
-    n
 }

@@ -14,15 +14,9 @@ use crate::{
 
 pub struct Query;
 
-/// Complexity of a connection: its page size times what each node asks.
-fn connection_cost(first: Option<i32>, child: usize) -> usize {
-    (first.unwrap_or(20).clamp(1, 100) as usize).saturating_mul(child.max(1))
-}
-
 #[Object]
 impl Query {
     /// Products, oldest first. `first` defaults to 20 and is capped at 100.
-    #[graphql(complexity = "connection_cost(first, child_complexity)")]
     async fn products(
         &self,
         ctx: &Context<'_>,
@@ -59,7 +53,6 @@ impl Query {
     }
 
     /// Your orders (admin: all), newest first, optionally of one status.
-    #[graphql(complexity = "connection_cost(first, child_complexity)")]
     async fn orders(
         &self,
         ctx: &Context<'_>,
