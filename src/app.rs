@@ -58,7 +58,11 @@ pub struct App {
 
 /// Opens the configured database, creating and migrating it.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    store::connect(&config.database_url, config.db_max_connections, config.db_timeout).await
+    let read = config
+        .database_read_url
+        .as_ref()
+        .map(|url| store::ReadReplica { url: url.0.clone(), max_lag: config.database_read_max_lag });
+    store::connect(&config.database_url, config.db_max_connections, config.db_timeout, read.as_ref()).await
 }
 
 impl App {

@@ -12,6 +12,10 @@ use clap::Args;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database_url: String,
+    /// A Postgres replica for the public catalog (`DATABASE_READ_URL`).
+    pub database_read_url: Option<Secret>,
+    /// Past this replay lag the catalog is read from the primary.
+    pub database_read_max_lag: Duration,
     /// `None`: use `redis://127.0.0.1:6379/0`, or start a private
     /// `redis-server` when nothing answers there.
     pub redis_url: Option<String>,
@@ -65,6 +69,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             database_url: "sqlite://shopgraph.db".into(),
+            database_read_url: None,
+            database_read_max_lag: Duration::from_secs(5),
             redis_url: None,
             redis_key_prefix: "shopgraph:".into(),
             listen_addr: "127.0.0.1:8000".parse().expect("valid address"),
@@ -94,6 +100,12 @@ impl Default for Config {
 pub struct ConfigArgs {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// A PostgreSQL replica that serves the public catalog (`products`, `product`).
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true)]
+    pub database_read_url: Option<String>,
+    /// Replay lag past which catalog reads go back to the primary [default: 5s].
+    #[arg(long, env = "DATABASE_READ_MAX_LAG")]
+    pub database_read_max_lag: Option<String>,
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     #[arg(long, env = "REDIS_KEY_PREFIX")]
@@ -183,6 +195,25 @@ impl ConfigArgs {
                 ));
             }
             c.database_url = url;
+        }
+        if let Some(url) = self.database_read_url.filter(|u| !u.trim().is_empty()) {
+            let url = url.trim().to_string();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad(
+                    "DATABASE_READ_URL",
+                    format!(
+                        "unsupported URL {:?} (expected postgres://…, a replica of DATABASE_URL)",
+                        redact_url(&url)
+                    ),
+                ));
+            }
+            if c.database_url.starts_with("sqlite:") {
+                return Err(bad("DATABASE_READ_URL", "a read replica needs DATABASE_URL to be PostgreSQL"));
+            }
+            c.database_read_url = Some(Secret(url));
+        }
+        if let Some(v) = self.database_read_max_lag {
+            c.database_read_max_lag = duration("DATABASE_READ_MAX_LAG", &v)?;
         }
         if let Some(url) = self.redis_url {
             let url = url.trim().to_string();

@@ -300,12 +300,16 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         matches!(tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await, Ok(Ok(_)));
     let listener = state.listener.is_up();
     let up = |b: bool| if b { "up" } else { "down" };
-    let body = json!({
+    let mut body = json!({
         "database": up(db),
         "redis": up(redis),
         "listener": up(listener),
         "events": up(state.events.fanout_up()),
     });
+    // informational: without the replica the primary serves the catalog
+    if let Some(replica) = state.store.read_replica_usable() {
+        body["readReplica"] = up(replica).into();
+    }
     let status = if db && redis && listener { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }

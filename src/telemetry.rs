@@ -143,3 +143,8 @@ pub fn db_pool(in_use: u32, idle: u32) {
 pub fn response_too_large() {
     counter!("shopgraph_graphql_responses_too_large_total").increment(1);
 }
+
+/// Whether the read replica serves the catalog (1) or the primary does (0).
+pub fn read_replica_up(up: bool) {
+    gauge!("shopgraph_db_read_replica_up").set(if up { 1.0 } else { 0.0 });
+}

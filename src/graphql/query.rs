@@ -25,7 +25,7 @@ impl Query {
     ) -> async_graphql::Result<ProductConnection> {
         let limit = page_size(first)?;
         let after = after.as_deref().map(cursor::decode).transpose()?;
-        let rows = services(ctx).store.list_products(after, limit + 1).await?;
+        let rows = services(ctx).store.catalog_page(after, limit + 1).await?;
         let (edges, page_info) =
             page(rows, limit, after.is_some(), |p| p.id.0, |p, cursor| ProductEdge { node: ProductNode(p), cursor });
         Ok(ProductConnection { edges, page_info })
@@ -33,7 +33,7 @@ impl Query {
 
     async fn product(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<ProductNode>> {
         let id = ProductId::parse(&id)?;
-        let rows = services(ctx).store.products_by_ids(&[id]).await?;
+        let rows = services(ctx).store.catalog_products(&[id]).await?;
         Ok(rows.into_iter().next().map(ProductNode))
     }
 

@@ -121,6 +121,20 @@ pub trait Store: Send + Sync + 'static {
     async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError>;
     /// Oldest first, after the given id; at most `limit` rows.
     async fn list_products(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError>;
+    /// [`Store::products_by_ids`] for the public catalog: may be answered
+    /// by a read replica, so it can lag behind the latest writes.
+    async fn catalog_products(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+        self.products_by_ids(ids).await
+    }
+    /// [`Store::list_products`] for the public catalog (may lag, like
+    /// [`Store::catalog_products`]).
+    async fn catalog_page(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
+        self.list_products(after, limit).await
+    }
+    /// Whether the read replica serves the catalog now; `None` without one.
+    fn read_replica_usable(&self) -> Option<bool> {
+        None
+    }
 
     /// Takes every line's stock and inserts the order in one transaction.
     async fn place_order(
@@ -176,15 +190,24 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the backend named by the URL scheme, creating and migrating it.
+/// A Postgres replica for catalog reads (`DATABASE_READ_URL`).
+#[derive(Clone, Debug)]
+pub struct ReadReplica {
+    pub url: String,
+    /// Past this replay lag, catalog reads go to the primary.
+    pub max_lag: std::time::Duration,
+}
+
 pub async fn connect(
     url: &str,
     max_connections: u32,
     timeout: std::time::Duration,
+    read: Option<&ReadReplica>,
 ) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url, max_connections, timeout).await?))
     } else {
-        Ok(Arc::new(postgres::PgStore::connect(url, max_connections, timeout).await?))
+        Ok(Arc::new(postgres::PgStore::connect(url, max_connections, timeout, read).await?))
     }
 }
 

@@ -5,8 +5,9 @@
 //! each (see [`batch`]).
 
 mod batch;
+mod replica;
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,6 +27,8 @@ use crate::domain::{
 
 pub struct PgStore {
     pool: PgPool,
+    /// Serves the public catalog when configured and usable.
+    replica: Option<Arc<replica::Replica>>,
     /// Orders without idempotency key are placed in batches (group commit).
     batcher: batch::Batcher,
 }
@@ -71,7 +74,12 @@ const ORDER_COLUMNS: &str =
     "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
 
 impl PgStore {
-    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        timeout: Duration,
+        read: Option<&super::ReadReplica>,
+    ) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -81,7 +89,8 @@ impl PgStore {
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let batcher = batch::Batcher::start(pool.clone(), batch::workers(max_connections));
-        Ok(PgStore { pool, batcher })
+        let replica = read.map(|r| replica::Replica::open(&r.url, max_connections, timeout, r.max_lag)).transpose()?;
+        Ok(PgStore { pool, replica, batcher })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -427,23 +436,29 @@ impl Store for PgStore {
     }
 
     async fn products_by_ids(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
-        let ids: Vec<i64> = ids.iter().map(|p| p.0).collect();
-        let rows = sqlx::query("SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+        select_products(&self.pool, ids).await
     }
 
     async fn list_products(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2",
-        )
-        .bind(after.unwrap_or(0))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+        select_product_page(&self.pool, after, limit).await
+    }
+
+    async fn catalog_products(&self, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+        match &self.replica {
+            Some(r) => r.read(&self.pool, |pool| select_products(pool, ids)).await,
+            None => select_products(&self.pool, ids).await,
+        }
+    }
+
+    async fn catalog_page(&self, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
+        match &self.replica {
+            Some(r) => r.read(&self.pool, |pool| select_product_page(pool, after, limit)).await,
+            None => select_product_page(&self.pool, after, limit).await,
+        }
+    }
+
+    fn read_replica_usable(&self) -> Option<bool> {
+        self.replica.as_ref().map(|r| r.is_usable())
     }
 
     async fn place_order(
@@ -655,4 +670,24 @@ impl Store for PgStore {
     async fn outbox_len(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await?)
     }
+}
+
+async fn select_products(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+    let ids: Vec<i64> = ids.iter().map(|p| p.0).collect();
+    let rows = sqlx::query("SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
+}
+
+async fn select_product_page(pool: &PgPool, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after.unwrap_or(0))
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
 }

@@ -77,6 +77,47 @@ impl PrivatePostgres {
         Some(p)
     }
 
+    /// A streaming replica of `primary` (`pg_basebackup -R`), started on its
+    /// own free port; `None` where `start` would be.
+    pub async fn replica_of(primary: &PrivatePostgres) -> Option<PrivatePostgres> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ok = Command::new("chown").arg("postgres:").arg(dir.path()).status().is_ok_and(|s| s.success());
+        assert!(ok, "chown the replica directory to postgres");
+        let mut p = PrivatePostgres {
+            port,
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            running: false,
+        };
+        let (dir, data, source_port) = (p.dir.path().to_path_buf(), p.data(), primary.port.to_string());
+        let out = tokio::task::spawn_blocking(move || {
+            as_postgres(
+                &dir,
+                &[
+                    &format!("{BIN}/pg_basebackup"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &source_port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                ],
+            )
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        p.resume().await;
+        Some(p)
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
