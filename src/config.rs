@@ -384,6 +384,23 @@ mod tests {
     }
 
     #[test]
+    fn connection_settings_parse_and_the_websocket_share_defaults_to_a_quarter() {
+        let args = ConfigArgs {
+            http_header_timeout: Some("2s".into()),
+            max_connections_per_ip: Some("9".into()),
+            ws_max_connections: Some("40".into()),
+            ..Default::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections_per_ip, 9);
+        assert_eq!(c.ws_per_ip(), 10);
+        assert_eq!(Config::default().ws_per_ip(), 64);
+        let zero = ConfigArgs { max_connections_per_ip: Some("0".into()), ..Default::default() };
+        assert_eq!(zero.into_config().unwrap_err().var, "MAX_CONNECTIONS_PER_IP");
+    }
+
+    #[test]
     fn humantime_durations_are_accepted() {
         let args =
             ConfigArgs { order_ttl: Some("90s".into()), sweep_interval: Some("500ms".into()), ..Default::default() };

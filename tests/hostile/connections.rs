@@ -332,3 +332,50 @@ async fn an_operation_sent_after_the_tokens_expiry_is_not_run() {
         assert_eq!(app.order(ADMIN, &order).await["status"], "PENDING_PAYMENT", "{protocol}: the late mutation ran");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_shutdown_is_answered_while_new_connections_are_refused() {
+    let app = common::spawn_app(Backend::Sqlite).await;
+    let addr = app.addr;
+    let body = json!({"query": "{ products(first: 1) { pageInfo { hasNextPage } } }"}).to_string();
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /graphql HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..10]).await.unwrap();
+
+    let stopping = tokio::spawn(app.stop());
+    // the listener is gone: the server is draining
+    common::eventually(Duration::from_secs(5), || async { TcpStream::connect(addr).await.is_err().then_some(()) })
+        .await;
+
+    conn.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let answer = String::from_utf8_lossy(&until_closed(&mut conn, Duration::from_secs(10)).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hasNextPage"), "{answer}");
+    tokio::time::timeout(Duration::from_secs(15), stopping).await.expect("stopped in time").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_the_connection_settings_from_its_environment() {
+    let db = common::fresh_db(Backend::Sqlite).await;
+    let server = common::child::ChildServer::start(&[
+        ("DATABASE_URL", db.url.clone()),
+        ("REDIS_URL", common::redis_url().await),
+        ("REDIS_KEY_PREFIX", common::unique_prefix()),
+        ("HTTP_HEADER_TIMEOUT", "1s".into()),
+        ("WS_ANONYMOUS_IDLE_TIMEOUT", "1s".into()),
+    ])
+    .await;
+    let addr: SocketAddr = server.url.trim_start_matches("http://").parse().unwrap();
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    until_closed(&mut stalled, Duration::from_secs(4)).await;
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed after {:?}", started.elapsed());
+
+    let mut anonymous = WsClient::init(&server.ws_url, PROTOCOLS[0], None).await;
+    assert_eq!(anonymous.closed(Duration::from_secs(4)).await.code, 4408);
+}
