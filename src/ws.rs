@@ -563,9 +563,10 @@ pub async fn serve(
 
 const TOKEN_EXPIRED: &str = "Forbidden: the token has expired";
 
-/// The runtime instant of a wall-clock time (now, if it has passed).
+/// The runtime instant of a wall-clock time (now, if it has passed; a
+/// decade at most, which no `JWT_LIFETIME` needs and no timer overflows).
 fn deadline_of(at: SystemTime) -> tokio::time::Instant {
-    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_secs(10 * 365 * 86_400));
     tokio::time::Instant::now() + left
 }
 
