@@ -7,13 +7,14 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use axum::Router;
 use rand::RngCore;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     auth::Auth,
     config::Config,
+    connlimit::{self, AddrLimits},
     events::{self, EventBus},
     expiry::{
         listener::{Listener, ListenerState},
@@ -25,6 +26,7 @@ use crate::{
     orders::Orders,
     ratelimit::RateLimiter,
     redis_server::{self, PrivateRedis, RedisStartError},
+    serve::{self, ServeSettings},
     store::{self, Store, StoreError},
     telemetry,
     ws::WsSettings,
@@ -48,6 +50,7 @@ pub struct App {
     pub redis_url: String,
     listener: tokio::net::TcpListener,
     router: Router,
+    serve: ServeSettings,
     tracker: TaskTracker,
     /// Cancelled when the server stops: every background task and websocket
     /// watches it.
@@ -148,9 +151,10 @@ impl App {
                 max_subscriptions: config.ws_max_subscriptions,
                 init_timeout: config.ws_init_timeout,
                 keepalive: config.ws_keepalive,
+                anonymous_idle_timeout: config.ws_anonymous_idle_timeout,
                 hubs: Default::default(),
             }),
-            ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),
+            ws_permits: AddrLimits::new(config.ws_per_ip(), config.ws_max_connections),
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
         };
@@ -159,26 +163,68 @@ impl App {
             .await
             .map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
+        let serve = serve_settings(&config);
         info!(backend = store.backend(), redis = %crate::config::redact_url(&redis_url), "shopgraph built");
-        Ok(App { addr, store, orders, redis_url, listener, router, tracker, shutdown, _private_redis: private_redis })
+        Ok(App {
+            addr,
+            store,
+            orders,
+            redis_url,
+            listener,
+            router,
+            serve,
+            tracker,
+            shutdown,
+            _private_redis: private_redis,
+        })
     }
 
     /// Serves until `stop` resolves, then closes websockets (1001), lets
     /// in-flight requests finish and waits for the background tasks.
     pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let token = self.shutdown.clone();
-        let serve = axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                stop.await;
-                token.cancel();
-            });
-        let result = serve.await;
+        let stopper = tokio::spawn(async move {
+            stop.await;
+            token.cancel();
+        });
+        serve::run(self.listener, self.router, self.serve, self.shutdown.clone()).await;
+        stopper.abort();
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
             warn!("background tasks did not stop within 10 s");
         }
         info!("shopgraph stopped");
-        result
+        Ok(())
+    }
+}
+
+/// The connection caps and timeouts. The process-wide cap keeps the
+/// database pool's descriptors (a few per SQLite connection) free below
+/// the file-descriptor limit; a per-address cap at or over it would let one
+/// address fill the process, so that is said at start.
+fn serve_settings(config: &Config) -> ServeSettings {
+    let budget = connlimit::fd_budget(4 * u64::from(config.db_max_connections));
+    let total = match config.max_connections {
+        Some(n) if n > budget => {
+            warn!(
+                configured = n,
+                budget, "MAX_CONNECTIONS is over what the file-descriptor limit allows; using {budget}"
+            );
+            budget
+        }
+        Some(n) => n,
+        None => budget,
+    };
+    if config.max_connections_per_ip >= total {
+        warn!(
+            per_ip = config.max_connections_per_ip,
+            total, "MAX_CONNECTIONS_PER_IP is not below the process-wide cap: one address can take every connection"
+        );
+    }
+    ServeSettings {
+        header_timeout: config.http_header_timeout,
+        idle_timeout: config.http_idle_timeout,
+        limits: AddrLimits::new(config.max_connections_per_ip, total),
     }
 }

@@ -1,7 +1,10 @@
 //! Who is asking: the admin token, customer JWTs (HS256, `sub` + `exp`), and
 //! password hashing (argon2, off the async threads).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
@@ -30,6 +33,15 @@ impl Identity {
             Identity::Admin => Some(None),
         }
     }
+}
+
+/// An identity and when its credential stops being valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub identity: Identity,
+    /// The customer token's `exp`; `None` for the admin token and anonymous
+    /// callers, whose credentials do not expire.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// A bearer credential that is present but not valid.
@@ -78,18 +90,25 @@ impl Auth {
     /// `connection_init` value). No value is anonymous; a bad one is an error,
     /// never anonymous.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Identity, InvalidToken> {
+        self.authenticate_session(header).map(|s| s.identity)
+    }
+
+    /// Like [`Auth::authenticate`], with the credential's expiry: a
+    /// websocket session ends there.
+    pub fn authenticate_session(&self, header: Option<&str>) -> Result<Session, InvalidToken> {
+        let forever = |identity| Ok(Session { identity, expires_at: None });
         let Some(raw) = header.map(str::trim).filter(|h| !h.is_empty()) else {
-            return Ok(Identity::Anonymous);
+            return forever(Identity::Anonymous);
         };
         let token = match raw.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
             // "Bearer" with nothing after it: no credential, as if absent
-            None if raw.eq_ignore_ascii_case("bearer") => return Ok(Identity::Anonymous),
+            None if raw.eq_ignore_ascii_case("bearer") => return forever(Identity::Anonymous),
             _ => return Err(InvalidToken),
         };
         if let Some(admin) = &self.admin_token {
             if bool::from(admin.0.as_bytes().ct_eq(token.as_bytes())) {
-                return Ok(Identity::Admin);
+                return forever(Identity::Admin);
             }
         }
         let mut validation = Validation::new(Algorithm::HS256);
@@ -97,7 +116,8 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "sub"]);
         let data = decode::<Claims>(token, &self.decoding, &validation).map_err(|_| InvalidToken)?;
         let id = CustomerId::parse(&data.claims.sub).map_err(|_| InvalidToken)?;
-        Ok(Identity::Customer(id))
+        let expires_at = UNIX_EPOCH + Duration::from_secs(data.claims.exp);
+        Ok(Session { identity: Identity::Customer(id), expires_at: Some(expires_at) })
     }
 
     pub fn issue_token(&self, customer: CustomerId) -> String {
@@ -152,5 +172,18 @@ mod tests {
         assert_eq!(a.authenticate(Some("Basic abc")), Err(InvalidToken));
         assert_eq!(a.authenticate(None), Ok(Identity::Anonymous));
         assert_eq!(a.authenticate(Some("Bearer admin-secret")), Ok(Identity::Admin));
+    }
+
+    #[test]
+    fn a_customer_session_ends_at_its_tokens_exp_and_the_admin_one_never() {
+        let a = auth();
+        let before = SystemTime::now();
+        let t = a.issue_token(CustomerId(7));
+        let s = a.authenticate_session(Some(&format!("Bearer {t}"))).unwrap();
+        let exp = s.expires_at.expect("a customer token expires");
+        let lifetime = exp.duration_since(before).unwrap_or_default();
+        assert!(lifetime <= Duration::from_secs(60) && lifetime > Duration::from_secs(58), "{lifetime:?}");
+        assert_eq!(a.authenticate_session(Some("Bearer admin-secret")).unwrap().expires_at, None);
+        assert_eq!(a.authenticate_session(None).unwrap().expires_at, None);
     }
 }

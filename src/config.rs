@@ -44,6 +44,23 @@ pub struct Config {
     pub demo_dir: PathBuf,
     pub auth_rate_limit_per_minute: u32,
     pub log_format: LogFormat,
+    /// How long a client may take to send a request head, from its first
+    /// byte (`HTTP_HEADER_TIMEOUT`).
+    pub http_header_timeout: Duration,
+    /// How long a keep-alive connection may sit with no request and no
+    /// byte moving (`HTTP_IDLE_TIMEOUT`).
+    pub http_idle_timeout: Duration,
+    /// Open TCP connections per process (`MAX_CONNECTIONS`); `None`: what
+    /// fits below the file-descriptor limit.
+    pub max_connections: Option<usize>,
+    /// Open TCP connections (HTTP and websocket) per client address.
+    pub max_connections_per_ip: usize,
+    /// Websockets per client address; `None`: a quarter of
+    /// `WS_MAX_CONNECTIONS`, at most 64.
+    pub ws_max_connections_per_ip: Option<usize>,
+    /// How long an anonymous websocket may run no operation before it is
+    /// closed with 4408.
+    pub ws_anonymous_idle_timeout: Duration,
 }
 
 /// A value that must never reach a log line.
@@ -91,6 +108,12 @@ impl Default for Config {
             demo_dir: PathBuf::from("frontend-demo/dist"),
             auth_rate_limit_per_minute: 30,
             log_format: LogFormat::Human,
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_connections_per_ip: 256,
+            ws_max_connections_per_ip: None,
+            ws_anonymous_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -152,6 +175,24 @@ pub struct ConfigArgs {
     /// `human` or `json`.
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// How long a client may take to send a request head (closed after).
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<String>,
+    /// How long an HTTP keep-alive connection may stay idle (closed after).
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: Option<String>,
+    /// Open connections per process (default: what the file-descriptor limit allows).
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+    /// Open connections (HTTP and websocket) per client address.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<String>,
+    /// Websockets per client address (default: WS_MAX_CONNECTIONS / 4, at most 64).
+    #[arg(long, env = "WS_MAX_CONNECTIONS_PER_IP")]
+    pub ws_max_connections_per_ip: Option<String>,
+    /// How long an anonymous websocket may run no operation (closed with 4408 after).
+    #[arg(long, env = "WS_ANONYMOUS_IDLE_TIMEOUT")]
+    pub ws_anonymous_idle_timeout: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -186,6 +227,7 @@ impl ConfigArgs {
     /// Parses every setting; the first invalid one is the error.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let mut c = Config::default();
+        self.connection_settings(&mut c)?;
         if let Some(url) = self.database_url {
             let url = url.trim().to_string();
             if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -303,6 +345,41 @@ impl ConfigArgs {
     }
 }
 
+impl ConfigArgs {
+    /// The connection limits and timeouts (issue 12).
+    fn connection_settings(&self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = &self.http_header_timeout {
+            c.http_header_timeout = duration("HTTP_HEADER_TIMEOUT", v)?;
+        }
+        if let Some(v) = &self.http_idle_timeout {
+            c.http_idle_timeout = duration("HTTP_IDLE_TIMEOUT", v)?;
+        }
+        if let Some(v) = &self.max_connections {
+            c.max_connections = Some(positive("MAX_CONNECTIONS", v)?);
+        }
+        if let Some(v) = &self.max_connections_per_ip {
+            c.max_connections_per_ip = positive("MAX_CONNECTIONS_PER_IP", v)?;
+        }
+        if let Some(v) = &self.ws_max_connections_per_ip {
+            c.ws_max_connections_per_ip = Some(positive("WS_MAX_CONNECTIONS_PER_IP", v)?);
+        }
+        if let Some(v) = &self.ws_anonymous_idle_timeout {
+            c.ws_anonymous_idle_timeout = duration("WS_ANONYMOUS_IDLE_TIMEOUT", v)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Websockets one client address may hold: `WS_MAX_CONNECTIONS_PER_IP`,
+    /// or a quarter of `WS_MAX_CONNECTIONS` (at most 64: one per browser tab
+    /// of a household or office behind one NAT), never more than the total.
+    pub fn ws_per_ip(&self) -> usize {
+        let default = (self.ws_max_connections / 4).clamp(1, 64);
+        self.ws_max_connections_per_ip.unwrap_or(default).min(self.ws_max_connections)
+    }
+}
+
 /// The URL without its password, for error messages.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -335,6 +412,23 @@ mod tests {
     fn a_bad_redis_url_is_refused() {
         let args = ConfigArgs { redis_url: Some("http://nope".into()), ..Default::default() };
         assert_eq!(args.into_config().unwrap_err().var, "REDIS_URL");
+    }
+
+    #[test]
+    fn connection_settings_parse_and_the_websocket_share_defaults_to_a_quarter() {
+        let args = ConfigArgs {
+            http_header_timeout: Some("2s".into()),
+            max_connections_per_ip: Some("9".into()),
+            ws_max_connections: Some("40".into()),
+            ..Default::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections_per_ip, 9);
+        assert_eq!(c.ws_per_ip(), 10);
+        assert_eq!(Config::default().ws_per_ip(), 64);
+        let zero = ConfigArgs { max_connections_per_ip: Some("0".into()), ..Default::default() };
+        assert_eq!(zero.into_config().unwrap_err().var, "MAX_CONNECTIONS_PER_IP");
     }
 
     #[test]

@@ -18,12 +18,12 @@ use axum::{
 };
 use redis::aio::ConnectionManager;
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 
 use crate::{
     auth::Auth,
+    connlimit::{AddrLimits, Refused},
     events::EventBus,
     expiry::listener::ListenerState,
     graphql::{errors, ClientAddr, Documents, ShopSchema},
@@ -44,8 +44,9 @@ pub struct HttpState {
     pub listener: Arc<ListenerState>,
     pub events: EventBus,
     pub ws: Arc<WsSettings>,
-    /// One permit per open websocket: the per-process connection cap.
-    pub ws_permits: Arc<Semaphore>,
+    /// One permit per open websocket: `WS_MAX_CONNECTIONS` per process and
+    /// `WS_MAX_CONNECTIONS_PER_IP` per client address.
+    pub ws_permits: Arc<AddrLimits>,
     /// Cancelled at shutdown: websockets close with 1001.
     pub shutdown: CancellationToken,
     /// Bound on one HTTP request, body upload included (`REQUEST_TIMEOUT`).
@@ -280,13 +281,20 @@ fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> R
         .read_buffer_size(512)
         .write_buffer_size(8 * 1024);
     let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
-    let permit = state.ws_permits.clone().try_acquire_owned();
+    let permit = state.ws_permits.try_acquire(addr.ip());
     upgrade.on_upgrade(move |mut socket| async move {
-        let Ok(_permit) = permit else {
-            use axum::extract::ws::{CloseFrame, Message};
-            let frame = CloseFrame { code: 1013, reason: "connection limit reached; try again later".into() };
-            let _ = socket.send(Message::Close(Some(frame))).await;
-            return;
+        let _permit = match permit {
+            Ok(p) => p,
+            Err(why) => {
+                use axum::extract::ws::{CloseFrame, Message};
+                let (reason, label) = match why {
+                    Refused::PerAddress => ("too many websockets from this address; try again later", "per_address"),
+                    Refused::Total => ("connection limit reached; try again later", "total"),
+                };
+                telemetry::ws_closed(label);
+                let _ = socket.send(Message::Close(Some(CloseFrame { code: 1013, reason: reason.into() }))).await;
+                return;
+            }
         };
         ws::serve(socket, protocol, state.schema, state.auth, ClientAddr(addr.ip()), state.ws, state.shutdown).await;
     })

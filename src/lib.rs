@@ -7,6 +7,8 @@
 //!
 //! * [`config`]: settings from the environment and flags, validated once.
 //! * [`app`]: builds the whole service from a config; tests use the same builder.
+//! * [`serve`]: the HTTP/1.1 accept loop, header and idle timeouts.
+//! * [`connlimit`]: open connections per client address and per process.
 //! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
 //! * [`shared_subscriptions`]: one execution per identical subscription, rendered once per event.
 //! * [`auth`]: the admin token, customer JWTs, password hashing.
@@ -25,6 +27,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod connlimit;
 pub mod domain;
 pub mod error;
 pub mod events;
@@ -35,6 +38,7 @@ pub mod orders;
 pub mod pubsub;
 pub mod ratelimit;
 pub mod redis_server;
+pub mod serve;
 pub mod shared_subscriptions;
 pub mod store;
 pub mod telemetry;

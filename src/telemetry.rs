@@ -148,3 +148,23 @@ pub fn response_too_large() {
 pub fn read_replica_up(up: bool) {
     gauge!("shopgraph_db_read_replica_up").set(if up { 1.0 } else { 0.0 });
 }
+
+/// A connection closed at accept: `per_address` or `total` cap.
+pub fn connection_refused(why: crate::connlimit::Refused) {
+    let reason = match why {
+        crate::connlimit::Refused::PerAddress => "per_address",
+        crate::connlimit::Refused::Total => "total",
+    };
+    counter!("shopgraph_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// An HTTP connection closed by its header or idle timeout.
+pub fn connection_timed_out(why: &'static str) {
+    counter!("shopgraph_connections_timed_out_total", "reason" => why).increment(1);
+}
+
+/// A websocket closed by the server for a limit: `per_address` or `total`
+/// (1013), `anonymous_idle` (4408) or `token_expired` (4403).
+pub fn ws_closed(reason: &'static str) {
+    counter!("shopgraph_websocket_limit_closes_total", "reason" => reason).increment(1);
+}

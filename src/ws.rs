@@ -9,9 +9,14 @@
 //! are rendered once for every subscriber ([`crate::shared_subscriptions`]),
 //! and writes to its own socket only, so a slow client delays nobody else.
 //! Close codes: 4400 malformed message, 4401 subscribe before init, 4403
-//! invalid credentials, 4408 no `connection_init` in time, 4409 duplicate
-//! subscription id, 4429 second `connection_init`, 1013 connection limit,
-//! 1001 server shutting down.
+//! invalid credentials, or the token's `exp` reached (a session lives no
+//! longer than its token; an operation that arrives after `exp` is not run),
+//! 4408 no `connection_init` in time, or an anonymous connection that ran
+//! no operation for `WS_ANONYMOUS_IDLE_TIMEOUT` (anonymous callers have
+//! nothing to subscribe to, so an idle one only holds a slot; authenticated
+//! idle connections are kept), 4409 duplicate subscription id, 4429 second
+//! `connection_init`, 1013 connection limit (per process, or the client
+//! address's share of it), 1001 server shutting down.
 
 use std::{
     collections::HashMap,
@@ -21,7 +26,7 @@ use std::{
         Arc,
     },
     task::{Context, Poll, Wake, Waker},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use async_graphql::{Request, Response};
@@ -67,6 +72,8 @@ pub struct WsSettings {
     pub max_subscriptions: usize,
     pub init_timeout: Duration,
     pub keepalive: Duration,
+    /// How long an anonymous connection may run no operation.
+    pub anonymous_idle_timeout: Duration,
     /// The process's shared subscription executions.
     pub hubs: Hubs,
 }
@@ -98,6 +105,10 @@ const WRITE_BATCH: usize = 64;
 enum Event {
     Shutdown,
     InitTimeout,
+    /// The connection's customer token reached its `exp`.
+    TokenExpired,
+    /// An anonymous connection ran no operation for the idle timeout.
+    AnonymousIdle,
     /// A response of one of the connection's own operations.
     Outgoing(Outgoing),
     /// A frame of a shared execution (more may be ready).
@@ -278,6 +289,14 @@ pub async fn serve(
     let mut identity: Option<Identity> = None;
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
+    // armed at connection_init when the token expires
+    let mut expires_at: Option<SystemTime> = None;
+    let token_deadline = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(token_deadline);
+    // armed whenever an anonymous connection has nothing running
+    let mut anonymous_idle = false;
+    let idle_deadline = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(idle_deadline);
     // made once: a fresh one per loop turn registered a waiter per message
     let shutting_down = shutdown.cancelled();
     tokio::pin!(shutting_down);
@@ -289,6 +308,13 @@ pub async fn serve(
     let quiet_waker = Waker::from(quiet.clone());
 
     loop {
+        let idle_now = identity == Some(Identity::Anonymous) && running.is_empty();
+        if idle_now && !anonymous_idle {
+            idle_deadline.as_mut().reset(tokio::time::Instant::now() + settings.anonymous_idle_timeout);
+            // polled (and so registered) on the next turn
+            quiet.woken.store(true, Ordering::Release);
+        }
+        anonymous_idle = idle_now;
         let event = std::future::poll_fn(|cx| {
             // Everything but shared frames is polled only when one of those
             // sources woke the task: nearly every wake-up is a delivery, and
@@ -303,6 +329,10 @@ pub async fn serve(
                     Some(Event::Shutdown)
                 } else if identity.is_none() && init_deadline.as_mut().poll(&mut qcx).is_ready() {
                     Some(Event::InitTimeout)
+                } else if expires_at.is_some() && token_deadline.as_mut().poll(&mut qcx).is_ready() {
+                    Some(Event::TokenExpired)
+                } else if anonymous_idle && idle_deadline.as_mut().poll(&mut qcx).is_ready() {
+                    Some(Event::AnonymousIdle)
                 } else if let Poll::Ready(Some(out)) = outgoing.poll_recv(&mut qcx) {
                     Some(Event::Outgoing(out))
                 } else if keepalive.poll_tick(&mut qcx).is_ready() {
@@ -333,6 +363,16 @@ pub async fn serve(
             }
             Event::InitTimeout => {
                 conn.close(4408, "Connection initialisation timeout").await;
+                break;
+            }
+            Event::TokenExpired => {
+                telemetry::ws_closed("token_expired");
+                conn.close(4403, TOKEN_EXPIRED).await;
+                break;
+            }
+            Event::AnonymousIdle => {
+                telemetry::ws_closed("anonymous_idle");
+                conn.close(4408, "Idle timeout: an anonymous connection ran no operation").await;
                 break;
             }
             Event::Shared(first) => {
@@ -405,10 +445,14 @@ pub async fn serve(
                         }
                         let who = credential(&msg.payload)
                             .map_err(|_| ())
-                            .and_then(|c| auth.authenticate(c.as_deref()).map_err(|_| ()));
+                            .and_then(|c| auth.authenticate_session(c.as_deref()).map_err(|_| ()));
                         match who {
-                            Ok(who) => {
-                                identity = Some(who);
+                            Ok(session) => {
+                                identity = Some(session.identity);
+                                if let Some(exp) = session.expires_at {
+                                    expires_at = Some(exp);
+                                    token_deadline.as_mut().reset(deadline_of(exp));
+                                }
                                 if !conn.send(json!({"type": "connection_ack"})).await {
                                     break;
                                 }
@@ -427,6 +471,12 @@ pub async fn serve(
                             conn.close(4401, "Unauthorized").await;
                             break;
                         };
+                        if expires_at.is_some_and(|exp| SystemTime::now() >= exp) {
+                            // arrived before the timer fired: not run either
+                            telemetry::ws_closed("token_expired");
+                            conn.close(4403, TOKEN_EXPIRED).await;
+                            break;
+                        }
                         let (Some(id), Some(payload)) = (msg.id, msg.payload) else {
                             conn.close(4400, "Invalid message received").await;
                             break;
@@ -509,6 +559,15 @@ pub async fn serve(
     let rest = source.take_while(|m| std::future::ready(m.is_ok())).for_each(|_| async {});
     let _ = tokio::time::timeout(CLOSE_WAIT, rest).await;
     telemetry::ws_connections(-1.0);
+}
+
+const TOKEN_EXPIRED: &str = "Forbidden: the token has expired";
+
+/// The runtime instant of a wall-clock time (now, if it has passed; a
+/// decade at most, which no `JWT_LIFETIME` needs and no timer overflows).
+fn deadline_of(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default().min(Duration::from_secs(10 * 365 * 86_400));
+    tokio::time::Instant::now() + left
 }
 
 /// The error that ends a subscription whose client fell too far behind

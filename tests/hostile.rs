@@ -6,5 +6,7 @@
 
 mod common;
 
+#[path = "hostile/connections.rs"]
+mod connections;
 #[path = "hostile/documents.rs"]
 mod documents;

@@ -586,7 +586,12 @@ async fn subscriptions_over_the_per_connection_cap_are_refused_with_rate_limited
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_process_cap_are_closed_with_1013() {
-    let app = common::spawn_app_with(Backend::Sqlite, |c| c.ws_max_connections = 2).await;
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.ws_max_connections = 2;
+        // every client here is 127.0.0.1: its share is the whole cap
+        c.ws_max_connections_per_ip = Some(2);
+    })
+    .await;
     let mut first = WsClient::init(&app.ws_url, TRANSPORT, None).await;
     let mut second = WsClient::init(&app.ws_url, LEGACY, None).await;
     for protocol in PROTOCOLS {

@@ -371,6 +371,9 @@ impl Deployment {
         env.insert("JWT_SECRET".into(), s.jwt_secret.into());
         env.insert("AUTH_RATE_LIMIT".into(), "1000000".into());
         env.insert("WS_MAX_CONNECTIONS".into(), "20000".into());
+        // every simulated client connects from 127.0.0.1
+        env.insert("WS_MAX_CONNECTIONS_PER_IP".into(), "20000".into());
+        env.insert("MAX_CONNECTIONS_PER_IP".into(), "25000".into());
         for (k, v) in spec.extra.iter().chain(s.server_env) {
             env.insert(k.clone(), v.clone());
         }

@@ -36,6 +36,12 @@ const SETTINGS: &[&str] = &[
     "AUTH_RATE_LIMIT",
     "LOG_FORMAT",
     "RUST_LOG",
+    "HTTP_HEADER_TIMEOUT",
+    "HTTP_IDLE_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "MAX_CONNECTIONS_PER_IP",
+    "WS_MAX_CONNECTIONS_PER_IP",
+    "WS_ANONYMOUS_IDLE_TIMEOUT",
 ];
 
 pub struct ChildServer {
