@@ -35,6 +35,11 @@ const SETTINGS: &[&str] = &[
     "DEMO_DIR",
     "AUTH_RATE_LIMIT",
     "LOG_FORMAT",
+    "TRUSTED_PROXIES",
+    "LOGIN_RATE_LIMIT_PER_ACCOUNT",
+    "MAX_PENDING_ORDERS",
+    "MAX_PENDING_UNITS",
+    "ORDER_RATE_LIMIT",
     "RUST_LOG",
 ];
 
