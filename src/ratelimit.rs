@@ -106,11 +106,11 @@ impl Limits {
     pub async fn login(&self, addr: IpAddr, account: Option<&str>) -> Result<(), Refusal> {
         self.hit(self.auth_address, &limit_key(addr).to_string())
             .await
-            .map_err(|wait| refusal("too many sign-in attempts from this address", wait))?;
+            .map_err(|wait| refusal("too many attempts from this address", wait))?;
         if let Some(account) = account {
             self.hit(self.login_account, account)
                 .await
-                .map_err(|wait| refusal("too many sign-in attempts for this account", wait))?;
+                .map_err(|wait| refusal("too many attempts for this account", wait))?;
         }
         Ok(())
     }
