@@ -147,6 +147,7 @@ impl App {
             ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
+            cors: config.cors_allowed_origins.clone().map(Arc::new),
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

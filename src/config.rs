@@ -40,6 +40,10 @@ pub struct Config {
     pub demo_dir: PathBuf,
     pub auth_rate_limit_per_minute: u32,
     pub log_format: LogFormat,
+    /// `None`: no cross-origin access (no CORS headers at all).
+    pub cors_allowed_origins: Option<crate::cors::AllowedOrigins>,
+    /// `max-age` of anonymous catalog responses (`Cache-Control: public`).
+    pub catalog_max_age: Duration,
 }
 
 /// A value that must never reach a log line.
@@ -85,6 +89,8 @@ impl Default for Config {
             demo_dir: PathBuf::from("frontend-demo/dist"),
             auth_rate_limit_per_minute: 30,
             log_format: LogFormat::Human,
+            cors_allowed_origins: None,
+            catalog_max_age: Duration::from_secs(5),
         }
     }
 }
@@ -140,6 +146,12 @@ pub struct ConfigArgs {
     /// `human` or `json`.
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Origins whose pages may call /graphql: comma-separated (https://shop.example.com) or `*`.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
+    pub cors_allowed_origins: Option<String>,
+    /// How long shared caches may keep anonymous catalog responses (e.g. 5s).
+    #[arg(long, env = "CATALOG_MAX_AGE")]
+    pub catalog_max_age: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -267,6 +279,13 @@ impl ConfigArgs {
                 "json" => LogFormat::Json,
                 _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
             };
+        }
+        if let Some(v) = self.cors_allowed_origins {
+            c.cors_allowed_origins =
+                Some(crate::cors::AllowedOrigins::parse(&v).map_err(|reason| bad("CORS_ALLOWED_ORIGINS", reason))?);
+        }
+        if let Some(v) = self.catalog_max_age {
+            c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
         }
         Ok(c)
     }

@@ -24,6 +24,7 @@ use tower_http::services::ServeDir;
 
 use crate::{
     auth::Auth,
+    cors,
     events::EventBus,
     expiry::listener::ListenerState,
     graphql::{errors, ClientAddr, ShopSchema},
@@ -48,6 +49,8 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Bound on one HTTP request, body upload included (`REQUEST_TIMEOUT`).
     pub request_timeout: Duration,
+    /// `CORS_ALLOWED_ORIGINS`; `None`: no CORS headers.
+    pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -60,7 +63,10 @@ pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
     let demo = ServeDir::new(demo_dir).append_index_html_on_directories(true);
     Router::new()
-        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route(
+            "/graphql",
+            get(graphql_get).post(graphql_post).layer(middleware::from_fn_with_state(state.cors.clone(), cors::layer)),
+        )
         .route("/", get(|| async { Redirect::temporary("/graphiql") }))
         .route("/graphiql", get(graphiql_page))
         .route("/graphiql/graphiql.js", get(graphiql_js))

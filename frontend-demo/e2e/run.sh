@@ -2,11 +2,13 @@
 # Starts a throwaway shopgraph server and runs the browser checks against it:
 #   e2e/graphql-ws-check.mjs  (reference graphql-ws client from node)
 #   e2e/demo.e2e.mjs          (Chromium: /demo/ storefront, admin feed, /graphiql)
+#   e2e/cors.e2e.mjs          (Chromium: a page on another origin calls /graphql)
 #
 #   SHOPGRAPH_BIN=../target/debug/shopgraph bash e2e/run.sh     (from frontend-demo/)
 #
 # The server gets LISTEN_ADDR=127.0.0.1:0, a fresh SQLite file, ORDER_TTL=3s,
-# SWEEP_INTERVAL=2s, ADMIN_TOKEN=e2e-admin and a random REDIS_KEY_PREFIX.
+# SWEEP_INTERVAL=2s, ADMIN_TOKEN=e2e-admin, a random REDIS_KEY_PREFIX and
+# CORS_ALLOWED_ORIGINS=http://127.0.0.1:<a free port> (the cors check's page).
 # REDIS_URL is passed through when set; when it is not set and no Redis answers
 # on 127.0.0.1:6379 but redis-server is installed, a private one is started.
 # Exits non-zero if a check fails; the last line is "N passed, M failed".
@@ -70,6 +72,8 @@ if [ -z "${REDIS_URL:-}" ]; then
   fi
 fi
 
+free_port() { node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'; }
+CORS_ALLOWED_PORT="$(free_port)"
 PREFIX="e2e-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'):"
 echo "run.sh: starting $BIN serve (REDIS_KEY_PREFIX=$PREFIX${REDIS_URL:+, REDIS_URL=$REDIS_URL})"
 (
@@ -80,6 +84,7 @@ echo "run.sh: starting $BIN serve (REDIS_KEY_PREFIX=$PREFIX${REDIS_URL:+, REDIS_
     SWEEP_INTERVAL=2s \
     ADMIN_TOKEN="$ADMIN" \
     REDIS_KEY_PREFIX="$PREFIX" \
+    CORS_ALLOWED_ORIGINS="http://127.0.0.1:$CORS_ALLOWED_PORT" \
     DEMO_DIR="$DEMO_DIR/dist" \
     exec "$BIN" serve
 ) >"$TMP/server.out" 2>"$TMP/server.err" &
@@ -102,7 +107,7 @@ fi
 URL="${URL%/}"
 echo "run.sh: server at $URL"
 
-export SHOPGRAPH_URL="$URL" ADMIN_TOKEN="$ADMIN"
+export SHOPGRAPH_URL="$URL" ADMIN_TOKEN="$ADMIN" CORS_ALLOWED_PORT
 PASSED=0
 FAILED=0
 STATUS=0
@@ -126,6 +131,7 @@ run_check() {
 }
 run_check graphql-ws-check node e2e/graphql-ws-check.mjs
 run_check demo-e2e node e2e/demo.e2e.mjs
+run_check cors-e2e node e2e/cors.e2e.mjs
 
 if [ "$STATUS" -ne 0 ]; then
   echo "--- server stderr (last 40 lines)"

@@ -35,6 +35,8 @@ const SETTINGS: &[&str] = &[
     "DEMO_DIR",
     "AUTH_RATE_LIMIT",
     "LOG_FORMAT",
+    "CORS_ALLOWED_ORIGINS",
+    "CATALOG_MAX_AGE",
     "RUST_LOG",
 ];
 
