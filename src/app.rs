@@ -130,7 +130,8 @@ impl App {
                 .delay(Duration::from_micros(200)),
             auth_limiter: RateLimiter::per_minute(config.auth_rate_limit_per_minute),
         });
-        let schema = graphql::build(services, config.introspection);
+        let persisted = graphql::persisted::PersistedQueries::new(conn.clone(), &config.redis_key_prefix);
+        let schema = graphql::build(services, config.introspection, persisted);
         let state = HttpState {
             schema,
             auth,
@@ -148,6 +149,7 @@ impl App {
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
             cors: config.cors_allowed_origins.clone().map(Arc::new),
+            catalog_max_age: config.catalog_max_age,
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -24,7 +24,7 @@ use tower_http::services::ServeDir;
 
 use crate::{
     auth::Auth,
-    cors,
+    caching, cors,
     events::EventBus,
     expiry::listener::ListenerState,
     graphql::{errors, ClientAddr, ShopSchema},
@@ -51,6 +51,8 @@ pub struct HttpState {
     pub request_timeout: Duration,
     /// `CORS_ALLOWED_ORIGINS`; `None`: no CORS headers.
     pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
+    /// `max-age` of anonymous catalog responses (`CATALOG_MAX_AGE`).
+    pub catalog_max_age: Duration,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -118,7 +120,10 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
         }
     };
     // timed per operation by the schema's `RequestMetrics` extension
-    let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
+    let catalog = caching::CatalogOnly::default();
+    let batch = batch.data(identity).data(ClientAddr(addr.ip())).data(catalog.clone());
+    let response = state.schema.execute_batch(batch).await;
+    let cache = caching::verdict(&identity, &response, &catalog);
     let request_error = match &response {
         BatchResponse::Single(r) => {
             r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
@@ -129,7 +134,7 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
     let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
     let mut res = (status, Json(response)).into_response();
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    res
+    caching::apply(state.catalog_max_age, headers, cache, res).await
 }
 
 async fn graphql_post(
@@ -209,6 +214,7 @@ async fn graphql_get(
         res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return res;
     }
+    let request = request.data(crate::graphql::persisted::SafeMethod);
     execute(&state, &parts.headers, addr, BatchRequest::Single(request)).await
 }
 

@@ -8,6 +8,7 @@
 //! * [`config`]: settings from the environment and flags, validated once.
 //! * [`app`]: builds the whole service from a config; tests use the same builder.
 //! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
+//! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve.
 //! * [`cors`]: cross-origin access for browser storefronts (`CORS_ALLOWED_ORIGINS`).
 //! * [`shared_subscriptions`]: one execution per identical subscription, rendered once per event.
 //! * [`auth`]: the admin token, customer JWTs, password hashing.
@@ -25,6 +26,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod caching;
 pub mod config;
 pub mod cors;
 pub mod domain;

@@ -24,6 +24,7 @@ use crate::{
 
 pub mod errors;
 mod mutation;
+pub mod persisted;
 mod query;
 mod subscription;
 pub mod types;
@@ -66,7 +67,7 @@ pub const MAX_ALIASES: usize = 50;
 /// Bytes of one query document.
 pub const MAX_QUERY_BYTES: usize = 32 * 1024;
 
-pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {
+pub fn build(services: Arc<Services>, introspection: bool, persisted: persisted::PersistedQueries) -> ShopSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .data(services)
         .limit_depth(MAX_DEPTH)
@@ -75,6 +76,9 @@ pub fn build(services: Arc<Services>, introspection: bool) -> ShopSchema {
         .limit_directives(10)
         .extension(EngineErrorCodes)
         .extension(RequestMetrics)
+        .extension(persisted)
+        // before the document cache, so that it sees every document
+        .extension(crate::caching::CatalogDocuments)
         .extension(DocumentCache::default());
     if !introspection {
         builder = builder.disable_introspection();
