@@ -195,7 +195,7 @@ async fn graphql_get(
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-        return websocket(state, addr, upgrade);
+        return websocket(state, addr, upgrade, Protocol::preferred(&parts.headers));
     }
     let query = parts.uri.query().unwrap_or_default();
     let request = match parse_query_string(query) {
@@ -230,7 +230,12 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
     })
 }
 
-fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
+fn websocket(
+    state: HttpState,
+    addr: SocketAddr,
+    upgrade: WebSocketUpgrade,
+    preferred: Option<&'static str>,
+) -> Response {
     // Small buffers: they are allocated per connection up front, and
     // subscription traffic is small messages (tungstenite's default is 128 KiB).
     // The read buffer is zeroed before every read attempt, so it is smaller
@@ -238,7 +243,7 @@ fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> R
     // Writes are flushed per message, except frames that were ready together
     // (`ws`), which share a write up to this size.
     let upgrade = upgrade
-        .protocols(Protocol::NAMES)
+        .protocols(preferred)
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .read_buffer_size(512)

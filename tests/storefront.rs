@@ -472,3 +472,74 @@ async fn behind_nginx_repeated_catalog_gets_are_served_from_its_cache_until_max_
     let (status, stock) = catalog_get().await;
     assert_eq!((status.as_str(), stock), ("HIT", 8), "the new copy is cached in turn");
 }
+
+// ------------------------------------------------------------- clients ---
+
+/// Opens a websocket offering `offered` (in that order); returns the socket
+/// and the subprotocol the server chose.
+async fn offer(
+    url: &str,
+    offered: &str,
+) -> (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", offered.parse().unwrap());
+    let (socket, resp) = tokio::time::timeout(std::time::Duration::from_secs(5), tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let chosen = resp.headers().get("sec-websocket-protocol").unwrap().to_str().unwrap().to_string();
+    (socket, chosen)
+}
+
+async fn next_json(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) -> serde_json::Value {
+    use futures_util::StreamExt;
+    loop {
+        let msg =
+            tokio::time::timeout(std::time::Duration::from_secs(5), socket.next()).await.unwrap().unwrap().unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["type"] != "ka" && v["type"] != "ping" {
+                return v;
+            }
+        }
+    }
+}
+
+/// Python's `gql` offers both protocols, the legacy one first, and speaks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offering_graphql_ws_first_gets_graphql_ws_and_is_served_in_it() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let (mut socket, chosen) = offer(&app.ws_url, "graphql-ws, graphql-transport-ws").await;
+    assert_eq!(chosen, "graphql-ws");
+    socket.send(Message::text(json!({"type": "connection_init", "payload": {}}).to_string())).await.unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "connection_ack");
+    let start = json!({"id": "1", "type": "start", "payload": {"query": "{ __typename }"}});
+    socket.send(Message::text(start.to_string())).await.unwrap();
+    let data = next_json(&mut socket).await;
+    assert_eq!(
+        (data["type"].as_str(), data["payload"]["data"]["__typename"].as_str()),
+        (Some("data"), Some("Query")),
+        "{data}"
+    );
+
+    let (_, chosen) = offer(&app.ws_url, "graphql-transport-ws, graphql-ws").await;
+    assert_eq!(chosen, "graphql-transport-ws");
+    let (_, chosen) = offer(&app.ws_url, "soap, graphql-ws").await;
+    assert_eq!(chosen, "graphql-ws");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn date_time_is_specified_by_rfc_3339_for_codegen() {
+    let app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let d = app.data(None, "{ __type(name: \"DateTime\") { specifiedByURL } }", json!({})).await;
+    assert_eq!(d["__type"]["specifiedByURL"], "https://www.rfc-editor.org/rfc/rfc3339");
+    assert!(shopgraph::graphql::sdl()
+        .contains("scalar DateTime @specifiedBy(url: \"https://www.rfc-editor.org/rfc/rfc3339\")"));
+    app.stop().await;
+}

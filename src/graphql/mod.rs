@@ -88,7 +88,9 @@ pub fn build(services: Arc<Services>, introspection: bool, persisted: persisted:
 
 /// The SDL of the schema, as checked in at `schema.graphql`.
 pub fn sdl() -> String {
-    Schema::build(Query, Mutation, Subscription).finish().sdl()
+    // with `@specifiedBy` on DateTime, so codegen tools type it
+    let options = async_graphql::SDLExportOptions::new().include_specified_by();
+    Schema::build(Query, Mutation, Subscription).finish().sdl_with_options(options)
 }
 
 /// Parsed documents by query text. Storefronts send the same few documents
