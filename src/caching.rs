@@ -99,7 +99,8 @@ async fn public(max_age: Duration, request: &HeaderMap, res: Response) -> Respon
 }
 
 fn cache_control(max_age: Duration) -> HeaderValue {
-    HeaderValue::from_str(&format!("public, max-age={}", max_age.as_secs()))
+    // whole seconds; a sub-second setting still allows one
+    HeaderValue::from_str(&format!("public, max-age={}", max_age.as_secs().max(1)))
         .unwrap_or_else(|_| HeaderValue::from_static("no-store"))
 }
 

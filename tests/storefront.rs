@@ -101,6 +101,8 @@ fn the_setting_is_validated_naming_the_variable() {
         ..Default::default()
     };
     assert!(args.into_config().unwrap_err().to_string().starts_with("CORS_ALLOWED_ORIGINS: "));
+    let args = shopgraph::config::ConfigArgs { catalog_max_age: Some("soon".into()), ..Default::default() };
+    assert!(args.into_config().unwrap_err().to_string().starts_with("CATALOG_MAX_AGE: "));
 }
 
 // ------------------------------------------------------------- caching ---
