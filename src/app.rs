@@ -148,7 +148,8 @@ impl App {
             ),
         });
         let documents = graphql::Documents::default();
-        let schema = graphql::build(services, documents.clone(), config.introspection);
+        let persisted = graphql::persisted::PersistedQueries::new(conn.clone(), &config.redis_key_prefix);
+        let schema = graphql::build(services, documents.clone(), config.introspection, persisted);
         let state = HttpState {
             schema,
             documents,
@@ -168,6 +169,8 @@ impl App {
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+            cors: config.cors_allowed_origins.clone().map(Arc::new),
+            catalog_max_age: config.catalog_max_age,
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -71,6 +71,10 @@ pub struct Config {
     pub max_pending_units: u32,
     /// `createOrder` calls per customer per minute, across instances.
     pub order_rate_limit_per_minute: u32,
+    /// `None`: no cross-origin access (no CORS headers at all).
+    pub cors_allowed_origins: Option<crate::cors::AllowedOrigins>,
+    /// `max-age` of anonymous catalog responses (`Cache-Control: public`).
+    pub catalog_max_age: Duration,
 }
 
 /// A value that must never reach a log line.
@@ -129,6 +133,8 @@ impl Default for Config {
             max_pending_orders: 10,
             max_pending_units: 1000,
             order_rate_limit_per_minute: 60,
+            cors_allowed_origins: None,
+            catalog_max_age: Duration::from_secs(5),
         }
     }
 }
@@ -223,6 +229,12 @@ pub struct ConfigArgs {
     /// createOrder calls per customer per minute, shared by all instances.
     #[arg(long, env = "ORDER_RATE_LIMIT")]
     pub order_rate_limit: Option<String>,
+    /// Origins whose pages may call /graphql: comma-separated (https://shop.example.com) or `*`.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
+    pub cors_allowed_origins: Option<String>,
+    /// How long shared caches may keep anonymous catalog responses (e.g. 5s).
+    #[arg(long, env = "CATALOG_MAX_AGE")]
+    pub catalog_max_age: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -385,6 +397,13 @@ impl ConfigArgs {
         }
         if let Some(v) = self.order_rate_limit {
             c.order_rate_limit_per_minute = positive("ORDER_RATE_LIMIT", &v)?;
+        }
+        if let Some(v) = self.cors_allowed_origins {
+            c.cors_allowed_origins =
+                Some(crate::cors::AllowedOrigins::parse(&v).map_err(|reason| bad("CORS_ALLOWED_ORIGINS", reason))?);
+        }
+        if let Some(v) = self.catalog_max_age {
+            c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
         }
         Ok(c)
     }

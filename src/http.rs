@@ -23,8 +23,10 @@ use tower_http::services::ServeDir;
 
 use crate::{
     auth::{Auth, InvalidToken},
+    caching,
     client_addr::{self, Cidr},
     connlimit::{AddrLimits, Refused},
+    cors,
     events::EventBus,
     expiry::listener::ListenerState,
     graphql::{errors, ClientAddr, Documents, ShopSchema},
@@ -54,6 +56,10 @@ pub struct HttpState {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
     pub trusted_proxies: Arc<Vec<Cidr>>,
+    /// `CORS_ALLOWED_ORIGINS`; `None`: no CORS headers.
+    pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
+    /// `max-age` of anonymous catalog responses (`CATALOG_MAX_AGE`).
+    pub catalog_max_age: Duration,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -70,7 +76,10 @@ pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
     let demo = ServeDir::new(demo_dir).append_index_html_on_directories(true);
     Router::new()
-        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route(
+            "/graphql",
+            get(graphql_get).post(graphql_post).layer(middleware::from_fn_with_state(state.cors.clone(), cors::layer)),
+        )
         .route("/", get(|| async { Redirect::temporary("/graphiql") }))
         .route("/graphiql", get(graphiql_page))
         .route("/graphiql/graphiql.js", get(graphiql_js))
@@ -164,17 +173,21 @@ async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, bat
             BatchRequest::Batch(v) => BatchResponse::Batch(v.iter().map(|_| refused(())).collect()),
         };
         let status = if modern { StatusCode::BAD_REQUEST } else { StatusCode::OK };
-        return graphql_response(status, modern, &response);
+        let res = graphql_response(status, modern, &response);
+        return caching::apply(state.catalog_max_age, headers, caching::Verdict::NoStore, res).await;
     }
     // timed per operation by the schema's `RequestMetrics` extension
-    let response = state.schema.execute_batch(batch.data(identity).data(client)).await;
+    let catalog = caching::CatalogOnly::default();
+    let batch = batch.data(identity).data(client).data(catalog.clone());
+    let response = state.schema.execute_batch(batch).await;
     if let Some(secs) = rate_limited(&response) {
         let mut res = (StatusCode::TOO_MANY_REQUESTS, Json(response)).into_response();
         let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return res;
+        return caching::apply(state.catalog_max_age, headers, caching::Verdict::NoStore, res).await;
     }
+    let cache = caching::verdict(&identity, &response, &catalog);
     let request_error = match &response {
         BatchResponse::Single(r) => {
             r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
@@ -182,7 +195,8 @@ async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, bat
         BatchResponse::Batch(_) => false,
     };
     let status = if modern && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
-    graphql_response(status, modern, &response)
+    let res = graphql_response(status, modern, &response);
+    caching::apply(state.catalog_max_age, headers, cache, res).await
 }
 
 /// A GraphQL response as the client asked for it, refused with a coded
@@ -279,7 +293,7 @@ async fn graphql_get(
             Err(rejection) => return rejection.into_response(),
         };
         let client = client(&state, &parts.headers, addr);
-        return websocket(state, client, upgrade);
+        return websocket(state, client, upgrade, Protocol::preferred(&parts.headers));
     }
     let query = parts.uri.query().unwrap_or_default();
     let request = match parse_query_string(query) {
@@ -299,6 +313,7 @@ async fn graphql_get(
         return res;
     }
     let client = client(&state, &parts.headers, addr);
+    let request = request.data(crate::graphql::persisted::SafeMethod);
     execute(&state, &parts.headers, client, BatchRequest::Single(request)).await
 }
 
@@ -314,7 +329,12 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
     })
 }
 
-fn websocket(state: HttpState, client: ClientAddr, upgrade: WebSocketUpgrade) -> Response {
+fn websocket(
+    state: HttpState,
+    client: ClientAddr,
+    upgrade: WebSocketUpgrade,
+    preferred: Option<&'static str>,
+) -> Response {
     // Small buffers: they are allocated per connection up front, and
     // subscription traffic is small messages (tungstenite's default is 128 KiB).
     // The read buffer is zeroed before every read attempt, so it is smaller
@@ -322,7 +342,7 @@ fn websocket(state: HttpState, client: ClientAddr, upgrade: WebSocketUpgrade) ->
     // Writes are flushed per message, except frames that were ready together
     // (`ws`), which share a write up to this size.
     let upgrade = upgrade
-        .protocols(Protocol::NAMES)
+        .protocols(preferred)
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .read_buffer_size(512)

@@ -10,6 +10,8 @@
 //! * [`serve`]: the HTTP/1.1 accept loop, header and idle timeouts.
 //! * [`connlimit`]: open connections per client address and per process.
 //! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
+//! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve.
+//! * [`cors`]: cross-origin access for browser storefronts (`CORS_ALLOWED_ORIGINS`).
 //! * [`shared_subscriptions`]: one execution per identical subscription, rendered once per event.
 //! * [`auth`]: the admin token, customer JWTs, password hashing.
 //! * [`graphql`]: schema types and resolvers; the one place errors get codes.
@@ -27,9 +29,11 @@
 
 pub mod app;
 pub mod auth;
+pub mod caching;
 pub mod client_addr;
 pub mod config;
 pub mod connlimit;
+pub mod cors;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -59,6 +59,19 @@ pub enum Protocol {
 impl Protocol {
     pub const NAMES: [&'static str; 2] = ["graphql-transport-ws", "graphql-ws"];
 
+    /// The first protocol the client offers that the server speaks: the
+    /// client's order of preference, not the server's (Python's `gql` offers
+    /// both and speaks the one it lists first).
+    /// (axum's `protocols()` keeps the offer in a sorted set, so the header is read here.)
+    pub fn preferred(request: &axum::http::HeaderMap) -> Option<&'static str> {
+        request
+            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|name| Self::NAMES.into_iter().find(|n| *n == name.trim()))
+    }
+
     pub fn from_name(name: &str) -> Self {
         if name == "graphql-ws" {
             Protocol::Legacy

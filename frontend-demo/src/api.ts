@@ -41,6 +41,14 @@ export function isCloseEvent(x: unknown): x is { code: number; reason: string } 
   return typeof x === 'object' && x !== null && 'code' in x && typeof (x as { code: unknown }).code === 'number' && 'reason' in x;
 }
 
+/** Fires `reachable` whenever the server answered an HTTP request (any status). */
+export const reachability = new EventTarget();
+
+/** Errors that mean "the server could not be reached", which go away by themselves. */
+export function isNetworkError(err: unknown): boolean {
+  return (err instanceof ApiError && err.code === 'NETWORK') || isCloseEvent(err);
+}
+
 export async function gql<T>(
   query: string,
   variables: Record<string, unknown> = {},
@@ -57,8 +65,20 @@ export async function gql<T>(
   } catch (e) {
     throw new ApiError([{ message: `Cannot reach the server (${(e as Error).message})`, extensions: { code: 'NETWORK' } }]);
   }
+  reachability.dispatchEvent(new Event('reachable'));
   let body: { data?: T | null; errors?: GraphQLErrorShape[] } | undefined;
   const text = await res.text();
+  if (res.status === 401) {
+    // a refused token (expired, or signed by a key the server no longer has),
+    // whatever the body says: the caller drops it
+    let message = 'the server refused the token';
+    try {
+      message = JSON.parse(text)?.errors?.[0]?.message ?? message;
+    } catch {
+      /* not JSON: keep the generic words */
+    }
+    throw new ApiError([{ message, extensions: { code: 'UNAUTHENTICATED' } }]);
+  }
   try {
     body = JSON.parse(text);
   } catch {

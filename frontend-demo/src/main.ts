@@ -1,6 +1,16 @@
 import './style.css';
 import type { Client } from 'graphql-ws';
-import { ApiError, describeError, formatMoney, gql, liveClient, randomString, type ConnState } from './api';
+import {
+  ApiError,
+  describeError,
+  formatMoney,
+  gql,
+  isNetworkError,
+  liveClient,
+  randomString,
+  reachability,
+  type ConnState,
+} from './api';
 
 // ---------------------------------------------------------------- types ---
 
@@ -108,15 +118,35 @@ function setConn(el: HTMLElement, state: ConnState, detail?: string) {
 }
 
 let errorTimer: number | undefined;
-function showError(context: string, err: unknown) {
+/**
+ * Shows an error. `kind` says what makes it obsolete: `network` errors go
+ * once the server answers again, `admin` ones once the admin feed connects.
+ */
+function showError(context: string, err: unknown, kind: 'network' | 'admin' | 'other' = isNetworkError(err) ? 'network' : 'other') {
   const text = `${context}: ${describeError(err)}`;
   console.warn(text, err);
   $('error-text').textContent = text;
+  $('error-banner').dataset.kind = kind;
   $('error-banner').hidden = false;
   window.clearTimeout(errorTimer);
   errorTimer = window.setTimeout(() => ($('error-banner').hidden = true), 15_000);
 }
+
+/** Hides the banner if what it shows is of this kind (a newer, other error stays). */
+function clearError(kind: 'network' | 'admin') {
+  if ($('error-banner').dataset.kind === kind) $('error-banner').hidden = true;
+}
+reachability.addEventListener('reachable', () => clearError('network'));
 $('error-close').addEventListener('click', () => ($('error-banner').hidden = true));
+
+/**
+ * Closes a client. graphql-ws's `dispose` rejects (with the close event)
+ * when the connection it would close had already failed, e.g. a refused
+ * token: that is not an error here.
+ */
+function disposeQuietly(client: Client | null) {
+  if (client) void Promise.resolve(client.dispose()).catch(() => {});
+}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -160,6 +190,9 @@ async function ensureCustomer(): Promise<void> {
     } catch (e) {
       if (!(e instanceof ApiError && e.code === 'UNAUTHENTICATED')) throw e;
     }
+    // refused (401 / UNAUTHENTICATED): never sent again
+    token = null;
+    store.set(LS.token, null);
   }
   await registerGuest();
 }
@@ -493,17 +526,23 @@ function resubscribePending() {
   for (const o of orders.values()) if (o.status === 'PENDING_PAYMENT') subscribeOrder(o.id);
 }
 
+let shopGeneration = 0;
 function restartShopSocket() {
   for (const unsub of orderSubs.values()) unsub();
   orderSubs.clear();
-  shopClient?.dispose();
+  disposeQuietly(shopClient);
+  // a disposed client still reports its close: only the current one may set the status
+  const generation = ++shopGeneration;
   shopClient = liveClient({
     getToken: () => token,
     onState: (s, detail) => {
+      if (generation !== shopGeneration) return;
       shopSocketLive = s === 'live';
       setConn($('shop-conn'), s, detail);
+      if (s === 'live') clearError('network');
     },
     onConnected: (wasRetry) => {
+      if (generation !== shopGeneration) return;
       if (wasRetry) {
         // graphql-ws re-sends active subscriptions itself; make sure any that
         // ended with an error while we were away are back too, and catch up.
@@ -512,6 +551,7 @@ function restartShopSocket() {
       }
     },
     onClosed: (code) => {
+      if (generation !== shopGeneration) return;
       if (code === 4403 || code === 4401) void reauthenticate();
     },
   });
@@ -597,19 +637,35 @@ async function startShop() {
 let adminToken: string | null = store.get(LS.admin);
 let adminClient: Client | null = null;
 let adminEvents = 0;
+let adminGeneration = 0;
 
 function startAdmin() {
-  adminClient?.dispose();
+  disposeQuietly(adminClient);
   adminClient = null;
+  // a disposed client still reports its close (1000): only the current one may set the status
+  const generation = ++adminGeneration;
+  const current = () => generation === adminGeneration;
   if (!adminToken) {
     setConn($('admin-conn'), 'idle', 'enter the admin token');
     return;
   }
   const client = liveClient({
     getToken: () => adminToken,
-    onState: (s, detail) => setConn($('admin-conn'), s, detail),
+    onState: (s, detail) => {
+      if (!current()) return;
+      setConn($('admin-conn'), s, detail);
+      if (s === 'live') {
+        clearError('admin');
+        clearError('network');
+      }
+    },
     onClosed: (code) => {
-      if (code === 4403) showError('Admin feed', new Error('the server rejected the admin token (4403)'));
+      if (!current() || code !== 4403) return;
+      // retrying a rejected token cannot help: stop until another one is entered
+      adminGeneration++;
+      disposeQuietly(client);
+      setConn($('admin-conn'), 'idle', 'token rejected');
+      showError('Admin feed', new Error('the server rejected the admin token (4403)'), 'admin');
     },
   });
   adminClient = client;
@@ -621,8 +677,8 @@ function startAdmin() {
         else if (msg.data?.orderCancelled) addFeedItem(msg.data.orderCancelled);
       },
       error: (err) => {
-        if (adminClient === client) {
-          showError('Admin feed', err);
+        if (adminClient === client && current()) {
+          showError('Admin feed', err, 'admin');
           setConn($('admin-conn'), 'idle', 'subscription ended');
         }
       },

@@ -24,6 +24,7 @@ mod cost;
 mod documents;
 pub mod errors;
 mod mutation;
+pub mod persisted;
 mod query;
 mod subscription;
 pub mod types;
@@ -62,12 +63,20 @@ pub use documents::{Documents, MAX_QUERY_BYTES};
 
 /// The schema, its documents judged by `documents` before they run. With
 /// introspection off, error messages suggest no field names either.
-pub fn build(services: Arc<Services>, documents: Documents, introspection: bool) -> ShopSchema {
+pub fn build(
+    services: Arc<Services>,
+    documents: Documents,
+    introspection: bool,
+    persisted: persisted::PersistedQueries,
+) -> ShopSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .data(services)
-        .extension(documents)
         .extension(EngineErrorCodes)
-        .extension(RequestMetrics);
+        .extension(RequestMetrics)
+        .extension(persisted)
+        // before `documents`, which parses without calling further, so that it sees every document
+        .extension(crate::caching::CatalogDocuments)
+        .extension(documents);
     if !introspection {
         builder = builder.disable_introspection().disable_suggestions();
     }
@@ -76,7 +85,9 @@ pub fn build(services: Arc<Services>, documents: Documents, introspection: bool)
 
 /// The SDL of the schema, as checked in at `schema.graphql`.
 pub fn sdl() -> String {
-    Schema::build(Query, Mutation, Subscription).finish().sdl()
+    // with `@specifiedBy` on DateTime, so codegen tools type it
+    let options = async_graphql::SDLExportOptions::new().include_specified_by();
+    Schema::build(Query, Mutation, Subscription).finish().sdl_with_options(options)
 }
 
 /// Gives the engine's own errors (syntax, validation, limits, and those it

@@ -16,7 +16,7 @@ use super::services;
 #[derive(Clone, Copy, Debug)]
 pub struct DateTime(pub chrono::DateTime<chrono::Utc>);
 
-#[Scalar(name = "DateTime")]
+#[Scalar(name = "DateTime", specified_by_url = "https://www.rfc-editor.org/rfc/rfc3339")]
 impl ScalarType for DateTime {
     fn parse(value: async_graphql::Value) -> async_graphql::InputValueResult<Self> {
         match &value {
