@@ -147,6 +147,8 @@ impl App {
             ws_permits: Arc::new(Semaphore::new(config.ws_max_connections)),
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
+            metrics_token: config.metrics_token.clone(),
+            graphiql: config.graphiql,
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -40,6 +40,10 @@ pub struct Config {
     pub demo_dir: PathBuf,
     pub auth_rate_limit_per_minute: u32,
     pub log_format: LogFormat,
+    /// The bearer token `/metrics` requires; `None`: `/metrics` answers 404.
+    pub metrics_token: Option<Secret>,
+    /// Whether `/graphiql` (and the redirect from `/`) is served.
+    pub graphiql: bool,
 }
 
 /// A value that must never reach a log line.
@@ -85,6 +89,8 @@ impl Default for Config {
             demo_dir: PathBuf::from("frontend-demo/dist"),
             auth_rate_limit_per_minute: 30,
             log_format: LogFormat::Human,
+            metrics_token: None,
+            graphiql: true,
         }
     }
 }
@@ -140,6 +146,12 @@ pub struct ConfigArgs {
     /// `human` or `json`.
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Bearer token that `/metrics` requires (at least 16 characters); unset: `/metrics` answers 404.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// `false` stops serving GraphiQL (`/graphiql` and `/` answer 404).
+    #[arg(long, env = "GRAPHIQL")]
+    pub graphiql: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -161,6 +173,14 @@ fn duration(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
         return Err(bad(var, "must be greater than zero"));
     }
     Ok(d)
+}
+
+fn boolean(var: &'static str, raw: &str) -> Result<bool, ConfigError> {
+    match raw.trim() {
+        "true" | "1" | "on" | "yes" => Ok(true),
+        "false" | "0" | "off" | "no" => Ok(false),
+        _ => Err(bad(var, format!("invalid value {raw:?} (expected true or false)"))),
+    }
 }
 
 fn positive<T: std::str::FromStr + PartialOrd + Default>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
@@ -268,6 +288,16 @@ impl ConfigArgs {
                 _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
             };
         }
+        if let Some(v) = self.metrics_token {
+            // a scrape credential that travels in every request: long enough not to be guessed
+            if v.len() < 16 || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                return Err(bad("METRICS_TOKEN", "must be at least 16 characters without spaces"));
+            }
+            c.metrics_token = Some(Secret(v));
+        }
+        if let Some(v) = self.graphiql {
+            c.graphiql = boolean("GRAPHIQL", &v)?;
+        }
         Ok(c)
     }
 }
@@ -304,6 +334,16 @@ mod tests {
     fn a_bad_redis_url_is_refused() {
         let args = ConfigArgs { redis_url: Some("http://nope".into()), ..Default::default() };
         assert_eq!(args.into_config().unwrap_err().var, "REDIS_URL");
+    }
+
+    #[test]
+    fn a_short_metrics_token_and_a_bad_graphiql_flag_are_refused() {
+        let args = ConfigArgs { metrics_token: Some("short".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "METRICS_TOKEN");
+        let args = ConfigArgs { graphiql: Some("maybe".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "GRAPHIQL");
+        let args = ConfigArgs { graphiql: Some("false".into()), ..Default::default() };
+        assert!(!args.into_config().unwrap().graphiql);
     }
 
     #[test]
