@@ -171,6 +171,8 @@ impl App {
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             cors: config.cors_allowed_origins.clone().map(Arc::new),
             catalog_max_age: config.catalog_max_age,
+            metrics_token: config.metrics_token.clone(),
+            graphiql: config.graphiql,
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -75,6 +75,10 @@ pub struct Config {
     pub cors_allowed_origins: Option<crate::cors::AllowedOrigins>,
     /// `max-age` of anonymous catalog responses (`Cache-Control: public`).
     pub catalog_max_age: Duration,
+    /// The bearer token `/metrics` requires; `None`: `/metrics` answers 404.
+    pub metrics_token: Option<Secret>,
+    /// Whether `/graphiql` (and the redirect from `/`) is served.
+    pub graphiql: bool,
 }
 
 /// A value that must never reach a log line.
@@ -135,6 +139,8 @@ impl Default for Config {
             order_rate_limit_per_minute: 60,
             cors_allowed_origins: None,
             catalog_max_age: Duration::from_secs(5),
+            metrics_token: None,
+            graphiql: true,
         }
     }
 }
@@ -235,6 +241,12 @@ pub struct ConfigArgs {
     /// How long shared caches may keep anonymous catalog responses (e.g. 5s).
     #[arg(long, env = "CATALOG_MAX_AGE")]
     pub catalog_max_age: Option<String>,
+    /// Bearer token that `/metrics` requires (at least 16 characters); unset: `/metrics` answers 404.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// `false` stops serving GraphiQL (`/graphiql` and `/` answer 404).
+    #[arg(long, env = "GRAPHIQL")]
+    pub graphiql: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -256,6 +268,14 @@ fn duration(var: &'static str, raw: &str) -> Result<Duration, ConfigError> {
         return Err(bad(var, "must be greater than zero"));
     }
     Ok(d)
+}
+
+fn boolean(var: &'static str, raw: &str) -> Result<bool, ConfigError> {
+    match raw.trim() {
+        "true" | "1" | "on" | "yes" => Ok(true),
+        "false" | "0" | "off" | "no" => Ok(false),
+        _ => Err(bad(var, format!("invalid value {raw:?} (expected true or false)"))),
+    }
 }
 
 fn positive<T: std::str::FromStr + PartialOrd + Default>(var: &'static str, raw: &str) -> Result<T, ConfigError> {
@@ -405,6 +425,16 @@ impl ConfigArgs {
         if let Some(v) = self.catalog_max_age {
             c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
         }
+        if let Some(v) = self.metrics_token {
+            // a scrape credential that travels in every request: long enough not to be guessed
+            if v.len() < 16 || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                return Err(bad("METRICS_TOKEN", "must be at least 16 characters without spaces"));
+            }
+            c.metrics_token = Some(Secret(v));
+        }
+        if let Some(v) = self.graphiql {
+            c.graphiql = boolean("GRAPHIQL", &v)?;
+        }
         Ok(c)
     }
 }
@@ -501,6 +531,16 @@ mod tests {
         assert_eq!(Config::default().ws_per_ip(), 64);
         let zero = ConfigArgs { max_connections_per_ip: Some("0".into()), ..Default::default() };
         assert_eq!(zero.into_config().unwrap_err().var, "MAX_CONNECTIONS_PER_IP");
+    }
+
+    #[test]
+    fn a_short_metrics_token_and_a_bad_graphiql_flag_are_refused() {
+        let args = ConfigArgs { metrics_token: Some("short".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "METRICS_TOKEN");
+        let args = ConfigArgs { graphiql: Some("maybe".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "GRAPHIQL");
+        let args = ConfigArgs { graphiql: Some("false".into()), ..Default::default() };
+        assert!(!args.into_config().unwrap().graphiql);
     }
 
     #[test]

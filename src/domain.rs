@@ -13,6 +13,28 @@ pub fn invalid(msg: impl Into<String>) -> InvalidInput {
     InvalidInput(msg.into())
 }
 
+/// Characters of client input an error message repeats: enough to
+/// recognise the value, never enough to make a response grow with it.
+pub const PREVIEW_CHARS: usize = 32;
+
+/// Client input as an error message shows it: quoted, and cut after
+/// [`PREVIEW_CHARS`] characters.
+pub fn preview(raw: &str) -> String {
+    match raw.char_indices().nth(PREVIEW_CHARS) {
+        None => format!("{raw:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &raw[..end], raw.len()),
+    }
+}
+
+/// Whether text holds a character no name, SKU, email, currency or key
+/// contains: a control character (NUL, tab, newline, escapes, C1 controls)
+/// or a bidirectional override that makes text display as something else.
+/// Decided here, before any store sees the value: Postgres refuses NUL in
+/// `text` and SQLite would store it, so both stores get the same values.
+pub fn has_forbidden_chars(raw: &str) -> bool {
+    raw.chars().any(|c| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'))
+}
+
 macro_rules! opaque_id {
     ($name:ident, $prefix:literal, $what:literal) => {
         #[doc = concat!("The id of a ", $what, "; shown to clients as `", $prefix, "_<n>`.")]
@@ -26,7 +48,7 @@ macro_rules! opaque_id {
                     .and_then(|n| n.parse::<i64>().ok())
                     .filter(|n| *n > 0)
                     .map($name)
-                    .ok_or_else(|| invalid(format!(concat!("{:?} is not a valid ", $what, " id"), raw)))
+                    .ok_or_else(|| invalid(format!(concat!("{} is not a valid ", $what, " id"), preview(raw))))
             }
         }
 
@@ -68,6 +90,9 @@ pub struct Email(String);
 
 impl Email {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        if has_forbidden_chars(raw) {
+            return Err(invalid(format!("{} is not a valid email address", preview(raw))));
+        }
         let e = raw.trim().to_lowercase();
         let ok = e.len() <= 254
             && e.split_once('@').is_some_and(|(local, domain)| {
@@ -77,11 +102,11 @@ impl Email {
                     && !domain.ends_with('.')
                     && !domain.contains('@')
             })
-            && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+            && !e.chars().any(char::is_whitespace);
         if ok {
             Ok(Email(e))
         } else {
-            Err(invalid(format!("{raw:?} is not a valid email address")))
+            Err(invalid(format!("{} is not a valid email address", preview(raw))))
         }
     }
     pub fn as_str(&self) -> &str {
@@ -127,6 +152,15 @@ pub struct NewProduct {
 
 impl NewProduct {
     pub fn parse(sku: &str, name: &str, price_cents: i32, currency: &str, stock: i32) -> Result<Self, InvalidInput> {
+        // judged before trimming: a line break or NUL at either end is as wrong as in the middle
+        if has_forbidden_chars(sku) {
+            return Err(invalid("sku must not contain control characters"));
+        }
+        if has_forbidden_chars(name) {
+            return Err(invalid(
+                "name must not contain control characters (NUL, tabs, line breaks) or text-direction overrides",
+            ));
+        }
         let sku = sku.trim();
         if sku.is_empty() || sku.len() > 64 || !sku.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(invalid("sku must be 1 to 64 letters, digits, '-', '_' or '.'"));
@@ -156,14 +190,17 @@ pub fn parse_currency(raw: &str) -> Result<(), InvalidInput> {
     if raw.len() == 3 && raw.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(())
     } else {
-        Err(invalid(format!("currency must be 3 capital letters (ISO 4217), got {raw:?}")))
+        Err(invalid(format!("currency must be 3 capital letters (ISO 4217), got {}", preview(raw))))
     }
 }
 
-/// An idempotency key: 1..=128 visible characters.
+/// An idempotency key: 1..=128 bytes without control characters.
 pub fn parse_idempotency_key(raw: &str) -> Result<String, InvalidInput> {
-    if raw.is_empty() || raw.len() > 128 || raw.chars().any(|c| c.is_control()) {
-        return Err(invalid("idempotencyKey must be 1 to 128 characters"));
+    if raw.is_empty() || raw.len() > 128 {
+        return Err(invalid("idempotencyKey must be 1 to 128 bytes"));
+    }
+    if has_forbidden_chars(raw) {
+        return Err(invalid("idempotencyKey must not contain control characters"));
     }
     Ok(raw.to_string())
 }
@@ -333,7 +370,7 @@ pub mod cursor {
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.strip_prefix("c:").and_then(|n| n.parse::<i64>().ok()))
             .filter(|n| *n > 0)
-            .ok_or_else(|| invalid(format!("{raw:?} is not a valid cursor")))
+            .ok_or_else(|| invalid(format!("{} is not a valid cursor", super::preview(raw))))
     }
 }
 
@@ -381,6 +418,28 @@ mod tests {
         assert!(OrderRequest::new(vec![], None).is_err());
         let r = OrderRequest::new(vec![(ProductId(3), q), (ProductId(1), q)], None).unwrap();
         assert_eq!(r.lines[0].0, ProductId(1));
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_stored_text() {
+        for bad in ["a\0b", "a\u{7}b", "a\nb", "a\tb", "a\u{85}b", "a\u{202E}b", "a\u{1b}[31mb", "ab\n", "\0ab"] {
+            assert!(NewProduct::parse("SKU-1", bad, 1, "USD", 1).is_err(), "name {bad:?}");
+            assert!(NewProduct::parse(bad, "Name", 1, "USD", 1).is_err(), "sku {bad:?}");
+            assert!(parse_idempotency_key(bad).is_err(), "key {bad:?}");
+            assert!(Email::parse(&format!("{bad}@example.com")).is_err(), "email {bad:?}");
+        }
+        assert!(parse_currency("US\0").is_err());
+        assert!(NewProduct::parse("SKU-1", "Café crème – 250 g", 1, "EUR", 1).is_ok());
+    }
+
+    #[test]
+    fn error_messages_show_only_a_prefix_of_long_input() {
+        let long = "x".repeat(250_000);
+        let e = Email::parse(&long).unwrap_err().0;
+        assert!(e.len() < 100, "{e}");
+        assert!(e.contains("250000 bytes"), "{e}");
+        assert!(ProductId::parse(&long).unwrap_err().0.len() < 100);
+        assert_eq!(preview("é".repeat(40).as_str()).chars().filter(|c| *c == 'é').count(), PREVIEW_CHARS);
     }
 
     #[test]

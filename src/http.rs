@@ -1,5 +1,6 @@
 //! The axum router: `/graphql` (HTTP and websocket), `/graphiql`,
-//! `/healthz`, `/readyz`, `/metrics`, `/demo/`.
+//! `/healthz`, `/readyz`, `/metrics`, `/demo/`; the security headers every
+//! response carries.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -7,8 +8,8 @@ use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
     body::Bytes,
     extract::{
-        rejection::BytesRejection, ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequestParts, Request,
-        State,
+        rejection::BytesRejection, ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts,
+        Request, State,
     },
     http::{header, HeaderMap, HeaderValue, StatusCode},
     middleware::{self, Next},
@@ -25,6 +26,7 @@ use crate::{
     auth::{Auth, InvalidToken},
     caching,
     client_addr::{self, Cidr},
+    config::Secret,
     connlimit::{AddrLimits, Refused},
     cors,
     events::EventBus,
@@ -60,6 +62,10 @@ pub struct HttpState {
     pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
     /// `max-age` of anonymous catalog responses (`CATALOG_MAX_AGE`).
     pub catalog_max_age: Duration,
+    /// The bearer token `/metrics` requires (`METRICS_TOKEN`); `None`: 404.
+    pub metrics_token: Option<Secret>,
+    /// Whether GraphiQL is served (`GRAPHIQL`).
+    pub graphiql: bool,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -75,23 +81,72 @@ pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 
 pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
     let demo = ServeDir::new(demo_dir).append_index_html_on_directories(true);
-    Router::new()
+    let mut router = Router::new()
         .route(
             "/graphql",
             get(graphql_get).post(graphql_post).layer(middleware::from_fn_with_state(state.cors.clone(), cors::layer)),
         )
-        .route("/", get(|| async { Redirect::temporary("/graphiql") }))
-        .route("/graphiql", get(graphiql_page))
-        .route("/graphiql/graphiql.js", get(graphiql_js))
-        .route("/graphiql/graphiql.css", get(graphiql_css))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
-        .nest_service("/demo/", demo)
+        .nest_service("/demo/", demo);
+    if state.graphiql {
+        router = router
+            .route("/", get(|| async { Redirect::temporary("/graphiql") }))
+            .route("/graphiql", get(graphiql_page))
+            .route("/graphiql/graphiql.js", get(graphiql_js))
+            .route("/graphiql/graphiql.css", get(graphiql_css));
+    }
+    router
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.request_timeout, request_timeout))
+        .layer(middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// The Content-Security-Policy of every response. Scripts and styles come
+/// from this origin only (the GraphiQL bundle and the demo are files, not
+/// inline code); the one inline `<style>` of the GraphiQL page is allowed
+/// by its hash, computed from the embedded page so a rebuilt page cannot
+/// fall out of step. GraphiQL inlines its fonts and icons as `data:` URLs.
+/// `connect-src 'self'` covers `/graphql` over HTTP and `ws:`/`wss:`.
+fn content_security_policy() -> &'static HeaderValue {
+    static CSP: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        let style_hashes: String =
+            inline_styles(GRAPHIQL_HTML).map(|css| format!(" 'sha256-{}'", sha256_base64(css))).collect();
+        let policy = format!(
+            "default-src 'self'; script-src 'self'; style-src 'self'{style_hashes}; img-src 'self' data:; \
+             font-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+             frame-ancestors 'none'"
+        );
+        HeaderValue::from_str(&policy).expect("the policy is ASCII")
+    })
+}
+
+/// The text of each `<style>` element of an HTML page.
+fn inline_styles(html: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let html = std::str::from_utf8(html).unwrap_or_default();
+    html.split("<style>").skip(1).filter_map(|rest| rest.split_once("</style>")).map(|(css, _)| css.as_bytes())
+}
+
+fn sha256_base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
+}
+
+/// Headers that keep browsers from framing, sniffing or leaking: on every
+/// response (a JSON answer in a frame is as unwanted as a page), unless a
+/// handler set its own.
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.entry(header::CONTENT_SECURITY_POLICY).or_insert_with(|| content_security_policy().clone());
+    h.entry(header::X_CONTENT_TYPE_OPTIONS).or_insert(HeaderValue::from_static("nosniff"));
+    h.entry(header::X_FRAME_OPTIONS).or_insert(HeaderValue::from_static("DENY"));
+    h.entry(header::REFERRER_POLICY).or_insert(HeaderValue::from_static("no-referrer"));
+    res
 }
 
 /// Answers 408 (with a coded GraphQL error) when a request, its body upload
@@ -233,12 +288,40 @@ impl std::io::Write for BoundedBody {
     }
 }
 
+/// Whether a POST body's media type is JSON: `application/json` or
+/// `application/graphql-response+json`, with at most a UTF-8 charset.
+/// Anything else (`text/plain`, forms: what a browser may send cross-origin
+/// without a preflight) is refused before the body is read.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let mut parts = value.split(';').map(str::trim);
+    let media = parts.next().unwrap_or_default();
+    let json = media.eq_ignore_ascii_case("application/json")
+        || media.eq_ignore_ascii_case("application/graphql-response+json");
+    json && parts.all(|p| {
+        p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("charset") && v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        })
+    })
+}
+
 async fn graphql_post(
     State(state): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
 ) -> Response {
+    if !is_json_content_type(req.headers()) {
+        let mut res = error_body(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "POST bodies must be application/json (Content-Type: application/json)",
+            errors::BAD_USER_INPUT,
+        );
+        res.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        return res;
+    }
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers.clone();
+    let body: Result<Bytes, BytesRejection> = Bytes::from_request(Request::from_parts(parts, body), &state).await;
     let body = match body {
         Ok(b) => b,
         // over MAX_BODY: 413, as a coded GraphQL error like every other refusal
@@ -390,7 +473,25 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<HttpState>) -> Response {
+/// `/metrics` answers only to `Authorization: Bearer <METRICS_TOKEN>`:
+/// it shows order counts and traffic that are nobody else's business.
+/// Without a configured token it does not exist (404).
+async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let Some(token) = &state.metrics_token else {
+        return (StatusCode::NOT_FOUND, "metrics are off: set METRICS_TOKEN to serve them\n").into_response();
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .unwrap_or_default();
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.0.as_bytes())) {
+        let mut res =
+            (StatusCode::UNAUTHORIZED, "metrics need Authorization: Bearer <METRICS_TOKEN>\n").into_response();
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"metrics\""));
+        return res;
+    }
     let (in_use, idle) = state.store.pool_state();
     telemetry::db_pool(in_use, idle);
     let body = telemetry::metrics_handle().render();

@@ -110,28 +110,32 @@ pub fn ws_shared_executions(delta: f64) {
     gauge!("shopgraph_websocket_shared_executions").increment(delta);
 }
 
-/// Distinct operation names that get a label of their own; later ones are
-/// counted as "other", so that clients cannot grow the series without bound.
-const MAX_OPERATION_LABELS: usize = 200;
+/// Distinct `field` labels kept; the label is a root field of the schema
+/// (or one of the fixed words below), so a handful exist. The cap only
+/// guards against a future caller passing something else.
+const MAX_FIELD_LABELS: usize = 64;
 
-/// The latency of one GraphQL request, by the name of its operation
-/// ("anonymous" when it has none or never got as far as choosing one).
-pub fn graphql_request(operation: Option<&str>, latency: Duration) {
-    static NAMES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let label = match operation.filter(|n| !n.is_empty() && n.len() <= 64) {
-        None => "anonymous".to_string(),
-        Some(name) => {
-            let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-            let names = names.get_or_insert_with(HashSet::new);
-            if names.contains(name) || names.len() < MAX_OPERATION_LABELS {
-                names.insert(name.to_string());
-                name.to_string()
+/// The latency of one GraphQL request, labelled `field` with the root field
+/// it executed (`createOrder`, `products`): names the schema bounds, never
+/// the client-chosen operation name. `multiple` when an operation selects
+/// several root fields, `none` when nothing executed (syntax or validation
+/// errors, limits).
+pub fn graphql_request(root_field: Option<&str>, latency: Duration) {
+    static LABELS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let label = match root_field {
+        None => "none".to_string(),
+        Some(field) => {
+            let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
+            let labels = labels.get_or_insert_with(HashSet::new);
+            if labels.contains(field) || labels.len() < MAX_FIELD_LABELS {
+                labels.insert(field.to_string());
+                field.to_string()
             } else {
                 "other".to_string()
             }
         }
     };
-    histogram!("shopgraph_graphql_request_duration_seconds", "operation" => label).record(latency.as_secs_f64());
+    histogram!("shopgraph_graphql_request_duration_seconds", "field" => label).record(latency.as_secs_f64());
 }
 
 pub fn db_pool(in_use: u32, idle: u32) {

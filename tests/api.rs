@@ -336,7 +336,7 @@ mod http {
         assert_eq!(body["database"], "up");
         let res = app.http.get(format!("{}/graphiql", app.url)).send().await.unwrap();
         assert_eq!(res.status(), 200);
-        let res = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap();
+        let res = app.http.get(format!("{}/metrics", app.url)).bearer_auth(common::METRICS_TOKEN).send().await.unwrap();
         assert!(res.text().await.unwrap().contains("shopgraph_"));
     }
 

@@ -359,8 +359,8 @@ async fn metrics_cover_requests_orders_expiry_listener_websockets_and_the_pool()
     })
     .await;
     let expect = [
-        ("shopgraph_graphql_request_duration_seconds_count{operation=\"PlaceOrder\"}", 3.0),
-        ("shopgraph_graphql_request_duration_seconds_count{operation=\"PayOrder\"}", 1.0),
+        ("shopgraph_graphql_request_duration_seconds_count{field=\"createOrder\"}", 3.0),
+        ("shopgraph_graphql_request_duration_seconds_count{field=\"payOrder\"}", 1.0),
         ("shopgraph_orders_created_total", 3.0),
         ("shopgraph_orders_paid_total{source=\"customer\"}", 1.0),
         ("shopgraph_orders_cancelled_total{reason=\"ADMIN\",source=\"admin\"}", 1.0),
@@ -372,7 +372,7 @@ async fn metrics_cover_requests_orders_expiry_listener_websockets_and_the_pool()
     for (series, value) in expect {
         assert_eq!(metric(&m, series), Some(value), "{series}:\n{m}");
     }
-    assert!(m.contains("shopgraph_graphql_request_duration_seconds_bucket{operation=\"PlaceOrder\",le=\""), "{m}");
+    assert!(m.contains("shopgraph_graphql_request_duration_seconds_bucket{field=\"createOrder\",le=\""), "{m}");
     assert!(m.contains("shopgraph_expiry_lag_seconds_bucket{source=\"listener\",le=\"1\"}"), "{m}");
     assert!(metric(&m, "shopgraph_db_pool_connections{state=\"idle\"}").is_some(), "{m}");
     assert!(metric(&m, "shopgraph_db_pool_connections{state=\"in_use\"}").is_some(), "{m}");

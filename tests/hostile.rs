@@ -12,3 +12,5 @@ mod abuse;
 mod connections;
 #[path = "hostile/documents.rs"]
 mod documents;
+#[path = "hostile/hygiene.rs"]
+mod hygiene;

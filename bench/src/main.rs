@@ -37,6 +37,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("websocket", "10,000 subscribers: memory per connection, fan-out lag of 1,000 cancellations"),
     ("fanout", "1,000 admin subscribers x 200 cancellations: fan-out lag"),
     ("resources", "server RSS idle and under load, CPU time per 1,000 orders"),
+    ("hostile", "legitimate createOrder and products traffic, calm and under each attack of issue 12"),
 ];
 
 #[derive(Parser, Debug, Clone)]
@@ -48,7 +49,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
 pub struct Opts {
     /// Scenarios, comma separated, or `all`: create-order, products,
     /// expiry-burst, expiry-pending, expiry-throughput, backlog, websocket,
-    /// fanout, resources.
+    /// fanout, resources, hostile.
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Short runs (about a second each, small sizes); fails unless every

@@ -83,6 +83,10 @@ const pageErrors = [];
 
 function watch(page, label) {
   page.on('pageerror', (e) => pageErrors.push(`${label}: ${e.message}`));
+  // the server's Content-Security-Policy must not block anything the pages need
+  page.on('console', (m) => {
+    if (m.type() === 'error' && /Content Security Policy/i.test(m.text())) pageErrors.push(`${label}: ${m.text()}`);
+  });
   page.on('websocket', (ws) => checkUrl(ws.url(), `${label} websocket`));
 }
 function checkUrl(url, what) {

@@ -42,6 +42,8 @@ const SETTINGS: &[&str] = &[
     "ORDER_RATE_LIMIT",
     "CORS_ALLOWED_ORIGINS",
     "CATALOG_MAX_AGE",
+    "METRICS_TOKEN",
+    "GRAPHIQL",
     "RUST_LOG",
     "HTTP_HEADER_TIMEOUT",
     "HTTP_IDLE_TIMEOUT",
@@ -63,7 +65,8 @@ pub struct ChildServer {
 
 impl ChildServer {
     /// Starts `shopgraph serve` on a free port with these settings on top of
-    /// `LISTEN_ADDR=127.0.0.1:0` and `RUST_LOG=info`; returns once it printed
+    /// `LISTEN_ADDR=127.0.0.1:0`, `RUST_LOG=info` and
+    /// `METRICS_TOKEN=`[`super::METRICS_TOKEN`]; returns once it printed
     /// `listening on http://…`.
     pub async fn start(env: &[(&str, String)]) -> ChildServer {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -72,7 +75,7 @@ impl ChildServer {
         for var in SETTINGS {
             cmd.env_remove(var);
         }
-        cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("RUST_LOG", "info");
+        cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("RUST_LOG", "info").env("METRICS_TOKEN", super::METRICS_TOKEN);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -153,9 +156,10 @@ impl ChildServer {
         v["data"].clone()
     }
 
-    /// The Prometheus text of `/metrics`.
+    /// The Prometheus text of `/metrics` (asked with the test `METRICS_TOKEN`).
     pub async fn metrics(&self) -> String {
-        self.http.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap()
+        let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(super::METRICS_TOKEN);
+        req.send().await.unwrap().text().await.unwrap()
     }
 }
 

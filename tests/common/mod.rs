@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+/// The `METRICS_TOKEN` of every test server.
+pub const METRICS_TOKEN: &str = "test-metrics-token-0123456789";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -106,6 +108,7 @@ pub async fn test_config(db_url: &str) -> Config {
         max_pending_orders: 1_000_000,
         max_pending_units: 1_000_000_000,
         order_rate_limit_per_minute: 1_000_000,
+        metrics_token: Some(shopgraph::config::Secret(METRICS_TOKEN.into())),
         ..Config::default()
     }
 }

@@ -2,6 +2,7 @@
 //! no scenario measures what an earlier one left behind.
 
 mod expiry;
+mod hostile;
 mod load;
 mod ws;
 
@@ -29,6 +30,7 @@ pub async fn run(name: &str, ctx: &Ctx) -> Vec<Table> {
         "backlog" => expiry::backlog(ctx).await,
         "websocket" => ws::websocket(ctx).await,
         "fanout" => ws::fanout(ctx).await,
+        "hostile" => hostile::hostile(ctx).await,
         other => {
             let mut t = Table::new(other, &["result"]);
             t.push_failed("-", "-", "unknown scenario");
