@@ -17,8 +17,9 @@ use crate::{
     connlimit::{self, AddrLimits},
     events::{self, EventBus},
     expiry::{
-        listener::{Listener, ListenerState},
-        nudger::Nudger,
+        canary::Canary,
+        listener::{CancelQueue, Listener, ListenerState},
+        nudger::{Fallback, Nudger},
         sweeper, Keys, Scheduler,
     },
     graphql::{self, types::StoreLoader, Services},
@@ -113,7 +114,11 @@ impl App {
 
         tracker.spawn(events::run_relay(relay_inbox, store.clone(), conn.clone(), keys.events(), shutdown.clone()));
         tracker.spawn(events::run_fanout(bus.clone(), store.clone(), client.clone(), keys.events(), shutdown.clone()));
-        tracker.spawn(Nudger::new(conn.clone(), keys.clone()).run(config.nudge_interval, shutdown.clone()));
+        let queue = CancelQueue::default();
+        let fallback = Fallback { listener: listener_state.clone(), cancel: queue.sender() };
+        tracker.spawn(Nudger::new(conn.clone(), keys.clone(), fallback).run(config.nudge_interval, shutdown.clone()));
+        let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
+        tracker.spawn(canary.run(shutdown.clone()));
         tracker.spawn(
             Listener {
                 client: client.clone(),
@@ -123,6 +128,8 @@ impl App {
                 orders: orders.clone(),
                 state: listener_state.clone(),
                 sweep_now: sweep_now.clone(),
+                canary: canary_inbox,
+                queue,
             }
             .run(tracker.clone(), shutdown.clone()),
         );
