@@ -26,6 +26,7 @@ use crate::{
     http::{self, HttpState},
     orders::Orders,
     ratelimit::RateLimiter,
+    redis_client::{self, TrustedCa},
     redis_server::{self, PrivateRedis, RedisStartError},
     serve::{self, ServeSettings},
     store::{self, Store, StoreError},
@@ -73,8 +74,10 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         telemetry::metrics_handle();
         let store = open_store(&config).await?;
-        let (redis_url, private_redis) = redis_server::resolve(config.redis_url.as_deref()).await?;
-        let client = redis::Client::open(redis_url.as_str())
+        let ca =
+            config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
+        let (redis_url, private_redis) = redis_server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
+        let client = redis_client::client(&redis_url, ca.as_ref())
             .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
         let db = client.get_connection_info().redis_settings().db();
         // Commands fail fast while Redis is away: an order is still placed
