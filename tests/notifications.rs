@@ -157,3 +157,28 @@ async fn config_refused_without_notifications_is_reported_and_orders_still_cance
     let errors = notification_lines(&logs, "ERROR");
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// Notifications turned on later (here through CONFIG under another name,
+/// as an operator's console would) are noticed at the next re-check, within
+/// about 30 s, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_turned_on_later_are_noticed() {
+    let secret = format!("config-{}", uuid::Uuid::new_v4().simple());
+    let redis = PrivateRedis::start(&["--rename-command", "CONFIG", &secret]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&redis, &dir).await;
+    assert_eq!(readiness(&s).await.1["expiryEvents"], "missing");
+    let mut conn = redis.conn().await;
+    let _: () =
+        redis::cmd(&secret).arg("SET").arg("notify-keyspace-events").arg("Ex").query_async(&mut conn).await.unwrap();
+    common::eventually(Duration::from_secs(40), || async {
+        let body: Value = s.http.get(format!("{}/readyz", s.url)).send().await.ok()?.json().await.ok()?;
+        (body["expiryEvents"] == "arriving").then_some(())
+    })
+    .await;
+    assert_eq!(metric(&s.metrics().await, "shopgraph_expiry_events_arriving"), Some(1.0));
+    let id = place_order(&s).await;
+    assert!(cancelled_after_deadline(&s, &id).await.num_milliseconds() < 1000);
+    let infos = notification_lines(&s.logs(), "INFO");
+    assert!(infos.iter().any(|m| m.contains("again")), "{infos:?}");
+}

@@ -133,6 +133,28 @@ async fn over_tls_to_redis_an_order_expires_and_is_cancelled_with_its_event() {
     app.stop().await;
 }
 
+/// The binary, configured by environment variables as a deployment is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_rediss_and_redis_tls_ca_file_from_the_environment() {
+    let certs = generate_certs();
+    let redis = tls_redis(&certs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::child::ChildServer::start(&[
+        ("DATABASE_URL", format!("sqlite://{}", dir.path().join("t.db").display())),
+        ("REDIS_URL", redis.url.clone()),
+        ("REDIS_TLS_CA_FILE", certs.ca().display().to_string()),
+        ("REDIS_KEY_PREFIX", common::unique_prefix()),
+    ])
+    .await;
+    common::eventually(Duration::from_secs(10), || async {
+        let res = server.http.get(format!("{}/readyz", server.url)).send().await.ok()?;
+        let ok = res.status().is_success();
+        let body: Value = res.json().await.ok()?;
+        (ok && body["listener"] == "up" && body["events"] == "up").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_ca_file_the_start_fails_naming_the_setting() {
     let certs = generate_certs();
