@@ -25,11 +25,11 @@ use crate::{
     graphql::{self, types::StoreLoader, Services},
     http::{self, HttpState},
     orders::Orders,
-    ratelimit::RateLimiter,
+    ratelimit::{LimitSettings, Limits},
     redis_client::{self, TrustedCa},
     redis_server::{self, PrivateRedis, RedisStartError},
     serve::{self, ServeSettings},
-    store::{self, Store, StoreError},
+    store::{self, PendingLimits, Store, StoreError},
     telemetry,
     ws::WsSettings,
 };
@@ -108,7 +108,9 @@ impl App {
         let keys = Keys { prefix: config.redis_key_prefix.clone() };
         let (bus, relay_inbox) = EventBus::new();
         let scheduler = Scheduler { conn: conn.clone(), keys: keys.clone() };
-        let orders = Arc::new(Orders { store: store.clone(), scheduler, events: bus.clone(), ttl: config.order_ttl });
+        let pending = PendingLimits { orders: config.max_pending_orders, units: config.max_pending_units };
+        let orders =
+            Arc::new(Orders { store: store.clone(), scheduler, events: bus.clone(), ttl: config.order_ttl, pending });
 
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -145,7 +147,15 @@ impl App {
             events: bus.clone(),
             loader: async_graphql::dataloader::DataLoader::new(StoreLoader(store.clone()), tokio::spawn)
                 .delay(Duration::from_micros(200)),
-            auth_limiter: RateLimiter::per_minute(config.auth_rate_limit_per_minute),
+            limits: Limits::new(
+                Some(conn.clone()),
+                &config.redis_key_prefix,
+                LimitSettings {
+                    auth_per_address: config.auth_rate_limit_per_minute,
+                    login_per_account: config.login_rate_limit_per_account,
+                    orders_per_customer: config.order_rate_limit_per_minute,
+                },
+            ),
         });
         let documents = graphql::Documents::default();
         let schema = graphql::build(services, documents.clone(), config.introspection);
@@ -167,6 +177,7 @@ impl App {
             ws_permits: AddrLimits::new(config.ws_per_ip(), config.ws_max_connections),
             shutdown: shutdown.clone(),
             request_timeout: config.request_timeout,
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         };
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -63,6 +63,16 @@ pub struct Config {
     /// How long an anonymous websocket may run no operation before it is
     /// closed with 4408.
     pub ws_anonymous_idle_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
+    /// `login` attempts per account (email) per minute, across instances.
+    pub login_rate_limit_per_account: u32,
+    /// Unpaid orders one customer may hold at once.
+    pub max_pending_orders: u32,
+    /// Units (sum of quantities) one customer's unpaid orders may hold at once.
+    pub max_pending_units: u32,
+    /// `createOrder` calls per customer per minute, across instances.
+    pub order_rate_limit_per_minute: u32,
 }
 
 /// A value that must never reach a log line.
@@ -117,6 +127,11 @@ impl Default for Config {
             max_connections_per_ip: 256,
             ws_max_connections_per_ip: None,
             ws_anonymous_idle_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
+            login_rate_limit_per_account: 10,
+            max_pending_orders: 10,
+            max_pending_units: 1000,
+            order_rate_limit_per_minute: 60,
         }
     }
 }
@@ -199,6 +214,21 @@ pub struct ConfigArgs {
     /// How long an anonymous websocket may run no operation (closed with 4408 after).
     #[arg(long, env = "WS_ANONYMOUS_IDLE_TIMEOUT")]
     pub ws_anonymous_idle_timeout: Option<String>,
+    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` names the client.
+    #[arg(long, env = "TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+    /// Logins per account (email) per minute, shared by all instances.
+    #[arg(long, env = "LOGIN_RATE_LIMIT_PER_ACCOUNT")]
+    pub login_rate_limit_per_account: Option<String>,
+    /// Unpaid orders one customer may hold at once.
+    #[arg(long, env = "MAX_PENDING_ORDERS")]
+    pub max_pending_orders: Option<String>,
+    /// Units (sum of quantities) one customer's unpaid orders may hold at once.
+    #[arg(long, env = "MAX_PENDING_UNITS")]
+    pub max_pending_units: Option<String>,
+    /// createOrder calls per customer per minute, shared by all instances.
+    #[arg(long, env = "ORDER_RATE_LIMIT")]
+    pub order_rate_limit: Option<String>,
 }
 
 /// One invalid setting, printed as one line naming the variable.
@@ -350,6 +380,21 @@ impl ConfigArgs {
                 _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
             };
         }
+        if let Some(v) = self.trusted_proxies {
+            c.trusted_proxies = crate::client_addr::parse_cidrs(&v).map_err(|e| bad("TRUSTED_PROXIES", e))?;
+        }
+        if let Some(v) = self.login_rate_limit_per_account {
+            c.login_rate_limit_per_account = positive("LOGIN_RATE_LIMIT_PER_ACCOUNT", &v)?;
+        }
+        if let Some(v) = self.max_pending_orders {
+            c.max_pending_orders = positive("MAX_PENDING_ORDERS", &v)?;
+        }
+        if let Some(v) = self.max_pending_units {
+            c.max_pending_units = positive("MAX_PENDING_UNITS", &v)?;
+        }
+        if let Some(v) = self.order_rate_limit {
+            c.order_rate_limit_per_minute = positive("ORDER_RATE_LIMIT", &v)?;
+        }
         Ok(c)
     }
 }
@@ -427,6 +472,14 @@ mod tests {
     fn an_unparsable_ttl_is_refused_naming_the_variable() {
         let args = ConfigArgs { order_ttl: Some("abc".into()), ..Default::default() };
         assert!(args.into_config().unwrap_err().to_string().starts_with("ORDER_TTL: invalid duration"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs() {
+        let args = ConfigArgs { trusted_proxies: Some("10.0.0.0/8, ::1/128,192.0.2.7".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap().trusted_proxies.len(), 3);
+        let args = ConfigArgs { trusted_proxies: Some("10.0.0.0/33".into()), ..Default::default() };
+        assert_eq!(args.into_config().unwrap_err().var, "TRUSTED_PROXIES");
     }
 
     #[test]

@@ -24,8 +24,9 @@ pub enum ShopError {
     Expired(OrderId),
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    RateLimited(String),
+    /// Over a rate or holding limit; the refusal says how long to wait.
+    #[error("{}", .0.message)]
+    RateLimited(crate::ratelimit::Refusal),
     #[error("internal error")]
     Store(#[from] StoreError),
 }
@@ -38,6 +39,13 @@ impl From<PlaceError> for ShopError {
             PlaceError::MixedCurrencies => ShopError::Invalid(InvalidInput(e.to_string())),
             PlaceError::TotalTooLarge => ShopError::Invalid(InvalidInput(e.to_string())),
             PlaceError::IdempotencyConflict => ShopError::Conflict(e.to_string()),
+            PlaceError::TooManyPending { .. } | PlaceError::TooManyUnits { .. } => {
+                // Orders::place answers these with the wait; this is the fallback
+                ShopError::RateLimited(crate::ratelimit::Refusal {
+                    message: e.to_string(),
+                    retry_after: std::time::Duration::from_secs(60),
+                })
+            }
             PlaceError::Store(s) => ShopError::Store(s),
         }
     }

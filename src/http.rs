@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 
 use crate::{
-    auth::Auth,
+    auth::{Auth, InvalidToken},
+    client_addr::{self, Cidr},
     connlimit::{AddrLimits, Refused},
     events::EventBus,
     expiry::listener::ListenerState,
@@ -51,6 +52,8 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Bound on one HTTP request, body upload included (`REQUEST_TIMEOUT`).
     pub request_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Arc<Vec<Cidr>>,
 }
 
 /// Requests per batch; a larger batch is refused with 400.
@@ -109,15 +112,49 @@ fn wants_graphql_response(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("application/graphql-response+json"))
 }
 
-async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch: BatchRequest) -> Response {
+/// The one place that decides a request's client address: the peer, or
+/// whom a trusted proxy names (HTTP requests and websockets alike).
+fn client(state: &HttpState, headers: &HeaderMap, peer: SocketAddr) -> ClientAddr {
+    ClientAddr(client_addr::client_ip(&state.trusted_proxies, headers, peer.ip()))
+}
+
+/// The `Authorization` header's value: `None` when absent; a value that is
+/// not text is a credential we cannot read, refused like a bad token.
+fn authorization(headers: &HeaderMap) -> Result<Option<&str>, InvalidToken> {
+    headers.get(header::AUTHORIZATION).map(|v| v.to_str().map_err(|_| InvalidToken)).transpose()
+}
+
+/// 401 for a refused credential, over either content type (RFC 6750).
+fn unauthorized(message: &str) -> Response {
+    let mut res = error_body(StatusCode::UNAUTHORIZED, message, errors::UNAUTHENTICATED);
+    res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+    res
+}
+
+/// The longest `retryAfter` (seconds) among the response's `RATE_LIMITED`
+/// errors, if it has any.
+fn rate_limited(response: &BatchResponse) -> Option<u64> {
+    let responses = match response {
+        BatchResponse::Single(r) => std::slice::from_ref(r),
+        BatchResponse::Batch(v) => v.as_slice(),
+    };
+    responses
+        .iter()
+        .flat_map(|r| &r.errors)
+        .filter_map(|e| e.extensions.as_ref())
+        .filter(|x| matches!(x.get("code"), Some(async_graphql::Value::String(c)) if c == errors::RATE_LIMITED))
+        .map(|x| match x.get(errors::RETRY_AFTER) {
+            Some(async_graphql::Value::Number(n)) => n.as_u64().unwrap_or(1),
+            _ => 1,
+        })
+        .max()
+}
+
+async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, batch: BatchRequest) -> Response {
     let modern = wants_graphql_response(headers);
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let identity = match state.auth.authenticate(bearer) {
+    let identity = match authorization(headers).and_then(|bearer| state.auth.authenticate(bearer)) {
         Ok(i) => i,
-        Err(e) => {
-            let status = if modern { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
-            return error_body(status, &e.to_string(), errors::UNAUTHENTICATED);
-        }
+        Err(e) => return unauthorized(&e.to_string()),
     };
     if let Err(e) = state.documents.check_request(&batch) {
         // the whole batch is refused before any of it runs
@@ -130,7 +167,14 @@ async fn execute(state: &HttpState, headers: &HeaderMap, addr: SocketAddr, batch
         return graphql_response(status, modern, &response);
     }
     // timed per operation by the schema's `RequestMetrics` extension
-    let response = state.schema.execute_batch(batch.data(identity).data(ClientAddr(addr.ip()))).await;
+    let response = state.schema.execute_batch(batch.data(identity).data(client)).await;
+    if let Some(secs) = rate_limited(&response) {
+        let mut res = (StatusCode::TOO_MANY_REQUESTS, Json(response)).into_response();
+        let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return res;
+    }
     let request_error = match &response {
         BatchResponse::Single(r) => {
             r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
@@ -213,7 +257,8 @@ async fn graphql_post(
             );
         }
     }
-    execute(&state, &headers, addr, batch).await
+    let client = client(&state, &headers, addr);
+    execute(&state, &headers, client, batch).await
 }
 
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
@@ -233,7 +278,8 @@ async fn graphql_get(
             Ok(u) => u,
             Err(rejection) => return rejection.into_response(),
         };
-        return websocket(state, addr, upgrade);
+        let client = client(&state, &parts.headers, addr);
+        return websocket(state, client, upgrade);
     }
     let query = parts.uri.query().unwrap_or_default();
     let request = match parse_query_string(query) {
@@ -252,7 +298,8 @@ async fn graphql_get(
         res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return res;
     }
-    execute(&state, &parts.headers, addr, BatchRequest::Single(request)).await
+    let client = client(&state, &parts.headers, addr);
+    execute(&state, &parts.headers, client, BatchRequest::Single(request)).await
 }
 
 fn is_mutation(request: &async_graphql::Request) -> bool {
@@ -267,7 +314,7 @@ fn is_mutation(request: &async_graphql::Request) -> bool {
     })
 }
 
-fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> Response {
+fn websocket(state: HttpState, client: ClientAddr, upgrade: WebSocketUpgrade) -> Response {
     // Small buffers: they are allocated per connection up front, and
     // subscription traffic is small messages (tungstenite's default is 128 KiB).
     // The read buffer is zeroed before every read attempt, so it is smaller
@@ -281,7 +328,8 @@ fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> R
         .read_buffer_size(512)
         .write_buffer_size(8 * 1024);
     let protocol = Protocol::from_name(upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or_default());
-    let permit = state.ws_permits.try_acquire(addr.ip());
+    // per client (whom a trusted proxy names), like every other per-client limit
+    let permit = state.ws_permits.try_acquire(client.0);
     upgrade.on_upgrade(move |mut socket| async move {
         let _permit = match permit {
             Ok(p) => p,
@@ -296,7 +344,7 @@ fn websocket(state: HttpState, addr: SocketAddr, upgrade: WebSocketUpgrade) -> R
                 return;
             }
         };
-        ws::serve(socket, protocol, state.schema, state.auth, ClientAddr(addr.ip()), state.ws, state.shutdown).await;
+        ws::serve(socket, protocol, state.schema, state.auth, client, state.ws, state.shutdown).await;
     })
 }
 

@@ -20,12 +20,14 @@
 //! * [`expiry`]: expiry hashes, the deadline nudger, the keyspace listener, the sweeper.
 //! * [`events`]: order events: outbox relay to Redis, fan-out to subscribers.
 //! * [`pubsub`]: a Redis subscription that reconnects and re-subscribes.
-//! * [`ratelimit`]: per-address limits on logins and registrations.
+//! * [`ratelimit`]: rate limits (login per address and account, sign-ups, orders), shared through Redis.
+//! * [`client_addr`]: the client's address, from the peer or a trusted proxy's `X-Forwarded-For`.
 //! * [`redis_server`]: a private `redis-server` child when none is reachable.
 //! * [`telemetry`]: tracing and Prometheus metrics.
 
 pub mod app;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod connlimit;
 pub mod domain;

@@ -15,7 +15,8 @@ use crate::{
     error::{ShopError, ShopResult},
     events::EventBus,
     expiry::Scheduler,
-    store::{CancelOutcome, PayOutcome, Store},
+    ratelimit::Refusal,
+    store::{CancelOutcome, PayOutcome, PendingLimits, PlaceError, Store},
     telemetry,
 };
 
@@ -24,6 +25,8 @@ pub struct Orders {
     pub scheduler: Scheduler,
     pub events: EventBus,
     pub ttl: Duration,
+    /// What one customer's unpaid orders may hold (`MAX_PENDING_ORDERS`, `MAX_PENDING_UNITS`).
+    pub pending: PendingLimits,
 }
 
 impl Orders {
@@ -39,7 +42,10 @@ impl Orders {
         let now = Utc::now();
         let expires_at = now + chrono::Duration::from_std(self.ttl).expect("ttl fits");
         let started = std::time::Instant::now();
-        let placed = self.store.place_order(customer, &request, now, expires_at).await?;
+        let placed = match self.store.place_order(customer, &request, now, expires_at, self.pending).await {
+            Ok(placed) => placed,
+            Err(e) => return Err(self.refused(e, now)),
+        };
         if placed.created {
             let order = &placed.order;
             let span = tracing::info_span!("place order", order_id = %order.id, customer_id = %customer);
@@ -52,6 +58,17 @@ impl Orders {
             telemetry::order_created(started.elapsed());
         }
         Ok(placed.order)
+    }
+
+    /// A placement refusal in domain words; the pending limits say how long
+    /// until the customer's earliest unpaid order ends (at the latest).
+    fn refused(&self, e: PlaceError, now: DateTime<Utc>) -> ShopError {
+        let free_at = match &e {
+            PlaceError::TooManyPending { free_at, .. } | PlaceError::TooManyUnits { free_at, .. } => *free_at,
+            _ => return e.into(),
+        };
+        let retry_after = free_at.and_then(|t| (t - now).to_std().ok()).unwrap_or(self.ttl);
+        ShopError::RateLimited(Refusal { message: e.to_string(), retry_after: retry_after.max(Duration::from_secs(1)) })
     }
 
     pub async fn pay(&self, identity: Identity, id: OrderId) -> ShopResult<Order> {

@@ -211,6 +211,9 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
         ("ADMIN_TOKEN", ADMIN.into()),
         ("JWT_SECRET", JWT_SECRET.into()),
         ("AUTH_RATE_LIMIT", "10000".into()),
+        // one customer places the whole burst
+        ("MAX_PENDING_ORDERS", "1000000".into()),
+        ("ORDER_RATE_LIMIT", "1000000".into()),
     ])
     .await;
     let a = survivor.create_product("A", 100, 1000).await;
@@ -368,6 +371,10 @@ async fn soak_two_instances_mixed_traffic_keeps_every_invariant() {
         ("ADMIN_TOKEN", ADMIN.into()),
         ("JWT_SECRET", JWT_SECRET.into()),
         ("AUTH_RATE_LIMIT", "100000".into()),
+        // three customers carry all the traffic
+        ("MAX_PENDING_ORDERS", "1000000".into()),
+        ("MAX_PENDING_UNITS", "1000000000".into()),
+        ("ORDER_RATE_LIMIT", "1000000".into()),
         ("RUST_LOG", "warn".into()),
     ];
     let one = ChildServer::start(&env).await;

@@ -6,6 +6,8 @@
 
 mod common;
 
+#[path = "hostile/abuse.rs"]
+mod abuse;
 #[path = "hostile/connections.rs"]
 mod connections;
 #[path = "hostile/documents.rs"]

@@ -370,6 +370,12 @@ impl Deployment {
         env.insert("ADMIN_TOKEN".into(), s.admin_token.into());
         env.insert("JWT_SECRET".into(), s.jwt_secret.into());
         env.insert("AUTH_RATE_LIMIT".into(), "1000000".into());
+        // the load's customers each hold many unpaid orders; a scenario about
+        // abuse limits sets its own through `extra`
+        env.insert("LOGIN_RATE_LIMIT_PER_ACCOUNT".into(), "1000000".into());
+        env.insert("MAX_PENDING_ORDERS".into(), "1000000".into());
+        env.insert("MAX_PENDING_UNITS".into(), "1000000000".into());
+        env.insert("ORDER_RATE_LIMIT".into(), "1000000".into());
         env.insert("WS_MAX_CONNECTIONS".into(), "20000".into());
         // every simulated client connects from 127.0.0.1
         env.insert("WS_MAX_CONNECTIONS_PER_IP".into(), "20000".into());

@@ -16,6 +16,10 @@ pub const QUERY_TOO_COMPLEX: &str = "QUERY_TOO_COMPLEX";
 pub const RATE_LIMITED: &str = "RATE_LIMITED";
 pub const INTERNAL: &str = "INTERNAL";
 
+/// The extension of a `RATE_LIMITED` error that says how many seconds to
+/// wait; over HTTP it becomes the `Retry-After` header.
+pub const RETRY_AFTER: &str = "retryAfter";
+
 pub fn coded(message: impl Into<String>, code: &'static str) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
 }
@@ -30,7 +34,14 @@ impl From<ShopError> for async_graphql::Error {
             ShopError::InsufficientStock(_) => INSUFFICIENT_STOCK,
             ShopError::NotPending { .. } | ShopError::Expired(_) => ORDER_NOT_PENDING,
             ShopError::Conflict(_) => CONFLICT,
-            ShopError::RateLimited(_) => RATE_LIMITED,
+            ShopError::RateLimited(r) => {
+                // whole seconds, as `Retry-After` carries them (src/http.rs)
+                let secs = r.retry_after.as_secs().max(1);
+                return async_graphql::Error::new(e.to_string()).extend_with(|_, x| {
+                    x.set("code", RATE_LIMITED);
+                    x.set(RETRY_AFTER, secs);
+                });
+            }
             ShopError::Store(inner) => {
                 // the cause goes to the log, never to the client
                 error!(error = %inner, cause = ?std::error::Error::source(inner), "internal error");

@@ -16,7 +16,7 @@ use crate::{
     auth::{Auth, Identity},
     events::EventBus,
     orders::Orders,
-    ratelimit::RateLimiter,
+    ratelimit::Limits,
     store::Store,
 };
 
@@ -41,10 +41,11 @@ pub struct Services {
     pub auth: Arc<Auth>,
     pub events: EventBus,
     pub loader: DataLoader<types::StoreLoader>,
-    pub auth_limiter: RateLimiter,
+    pub limits: Limits,
 }
 
-/// The client address of a request, for rate limits.
+/// The client address of a request, for rate limits: the TCP peer, or the
+/// client a trusted proxy names (`crate::client_addr`).
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);
 

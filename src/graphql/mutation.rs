@@ -68,11 +68,9 @@ fn require_admin(ctx: &Context<'_>) -> Result<(), ShopError> {
     }
 }
 
-fn rate_limit(ctx: &Context<'_>) -> Result<(), ShopError> {
-    let Some(addr) = ctx.data_opt::<ClientAddr>() else { return Ok(()) };
-    services(ctx).auth_limiter.check(addr.0).map_err(|wait| {
-        ShopError::RateLimited(format!("too many attempts from this address; try again in {} s", wait.as_secs().max(1)))
-    })
+/// The client's address; `None` for callers without one (never over HTTP or websockets).
+fn client_addr(ctx: &Context<'_>) -> Option<std::net::IpAddr> {
+    ctx.data_opt::<ClientAddr>().map(|a| a.0)
 }
 
 #[Object]
@@ -85,8 +83,10 @@ impl Mutation {
     ) -> async_graphql::Result<AuthPayload> {
         let email = Email::parse(&email)?;
         let password = Password::parse(&password)?;
-        rate_limit(ctx)?;
         let s = services(ctx);
+        if let Some(addr) = client_addr(ctx) {
+            s.limits.register(addr).await.map_err(ShopError::RateLimited)?;
+        }
         let hash = s.auth.hash_password(password.expose().to_string()).await;
         let customer = s.store.create_customer(&email, &hash).await.map_err(|e| match e {
             StoreError::Conflict(_) => ShopError::Conflict("a customer with this email already exists".into()),
@@ -97,13 +97,18 @@ impl Mutation {
     }
 
     async fn login(&self, ctx: &Context<'_>, email: String, password: String) -> async_graphql::Result<AuthPayload> {
-        rate_limit(ctx)?;
         let s = services(ctx);
+        let email = Email::parse(&email).ok();
+        if let Some(addr) = client_addr(ctx) {
+            // per address and per account: many addresses guessing one
+            // password, and one address guessing many, are both stopped
+            s.limits.login(addr, email.as_ref().map(Email::as_str)).await.map_err(ShopError::RateLimited)?;
+        }
         let wrong = || ShopError::Unauthenticated("wrong email or password");
         // a malformed email is simply unknown: same answer, same cost
-        let found = match Email::parse(&email) {
-            Ok(email) => s.store.customer_credentials(&email).await?,
-            Err(_) => None,
+        let found = match &email {
+            Some(email) => s.store.customer_credentials(email).await?,
+            None => None,
         };
         let (customer, hash) = match found {
             Some((c, h)) => (Some(c), Some(h)),
@@ -150,7 +155,17 @@ impl Mutation {
     /// Customers only: reserves the stock of every line, or nothing.
     async fn create_order(&self, ctx: &Context<'_>, input: CreateOrderInput) -> async_graphql::Result<OrderNode> {
         let request = OrderRequest::try_from(input)?;
-        let order = services(ctx).orders.place(identity(ctx), request).await?;
+        let s = services(ctx);
+        if let Identity::Customer(customer) = identity(ctx) {
+            if let Err(refusal) = s.limits.create_order(customer).await {
+                // an idempotent replay places nothing: answered, not refused
+                return match s.store.order_for_key(customer, &request).await.map_err(ShopError::from)? {
+                    Some(placed) => Ok(OrderNode(placed.order)),
+                    None => Err(ShopError::RateLimited(refusal).into()),
+                };
+            }
+        }
+        let order = s.orders.place(identity(ctx), request).await?;
         Ok(OrderNode(order))
     }
 

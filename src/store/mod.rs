@@ -58,6 +58,12 @@ pub enum PlaceError {
     TotalTooLarge,
     #[error("this idempotencyKey was already used for a different order")]
     IdempotencyConflict,
+    /// The customer already holds `max` unpaid orders.
+    #[error("you already have {max} unpaid orders (the most one customer may hold); pay or cancel one first")]
+    TooManyPending { max: u32, free_at: Option<DateTime<Utc>> },
+    /// The order would take the customer's unpaid units past `max`.
+    #[error("unpaid orders may hold at most {max} units per customer; this order would hold {would_hold}")]
+    TooManyUnits { max: u32, would_hold: i64, free_at: Option<DateTime<Utc>> },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -74,6 +80,37 @@ impl From<sqlx::Error> for PlaceError {
 pub struct Placed {
     pub order: Order,
     pub created: bool,
+}
+
+/// What one customer's unpaid (pending, not yet past their deadline)
+/// orders may hold at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingLimits {
+    pub orders: u32,
+    pub units: u32,
+}
+
+impl PendingLimits {
+    /// No limit: for tools and tests that place orders directly.
+    pub const NONE: PendingLimits = PendingLimits { orders: u32::MAX, units: u32::MAX };
+
+    /// The refusal for a customer holding `orders` unpaid orders of `units`
+    /// units (the earliest expiring at `free_at`) who asks for `new_units` more.
+    pub fn refusal(
+        self,
+        orders: i64,
+        units: i64,
+        new_units: i64,
+        free_at: Option<DateTime<Utc>>,
+    ) -> Option<PlaceError> {
+        if orders >= i64::from(self.orders) {
+            return Some(PlaceError::TooManyPending { max: self.orders, free_at });
+        }
+        if units + new_units > i64::from(self.units) {
+            return Some(PlaceError::TooManyUnits { max: self.units, would_hold: units + new_units, free_at });
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -136,14 +173,21 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Takes every line's stock and inserts the order in one transaction.
+    /// Takes every line's stock and inserts the order in one transaction,
+    /// unless the customer's unpaid orders are at `limits` (decided in that
+    /// transaction, so concurrent placements cannot both pass the last
+    /// place). An idempotent replay returns its order whatever the limits.
     async fn place_order(
         &self,
         customer: CustomerId,
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
+        limits: PendingLimits,
     ) -> Result<Placed, PlaceError>;
+    /// The order placed earlier with the request's idempotency key, if any
+    /// (`IdempotencyConflict` when its lines differ).
+    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError>;
     async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
     /// Newest first, before the given id; at most `limit` rows.
     async fn list_orders(

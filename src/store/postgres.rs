@@ -18,7 +18,7 @@ use sqlx::{
 
 use super::{
     attach_lines, cancel_refused, events_from, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner,
-    PayOutcome, PlaceError, Placed, Store, StoreError,
+    PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
 };
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
@@ -34,24 +34,32 @@ pub struct PgStore {
 }
 
 /// One order as one statement: orders with an idempotency key, and orders
-/// of a batch that failed as a whole. `locked` takes the row locks in product
-/// id order (the order every transaction here uses, so none deadlock) and
-/// reads the latest stock; `ok` checks every line; `taken`, `o` and `l`
-/// write only when `ok`. The rows returned are the products as locked (stock
-/// before the order), with the new order's id or NULL.
+/// of a batch that failed as a whole. `gate` locks the customer and counts
+/// its unpaid orders after that lock (see `lock_pending` in the
+/// pending-limits migration); `locked` waits for `gate`, then takes the row
+/// locks in product id order (the order every transaction here uses, so
+/// none deadlock) and reads the latest stock; `ok` checks every line and
+/// the pending limits; `taken`, `o` and `l` write only when `ok`. The rows
+/// returned are the products as locked (stock before the order), with the
+/// new order's id or NULL, and the customer's unpaid orders before it.
 const PLACE_ORDER: &str = "
-WITH req AS (
+WITH gate AS (
+    SELECT * FROM lock_pending($4, $5)
+), req AS (
     SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty)
 ), locked AS (
     SELECT p.id, p.stock, p.price_cents, p.currency, req.qty
     FROM products p JOIN req ON p.id = req.pid
+    WHERE (SELECT n FROM gate) IS NOT NULL
     ORDER BY p.id
     FOR UPDATE OF p
 ), ok AS (
     SELECT count(*) = $3
        AND bool_and(stock >= qty)
        AND count(DISTINCT currency) = 1
-       AND sum(price_cents::bigint * qty) <= $9 AS ok,
+       AND sum(price_cents::bigint * qty) <= $9
+       AND (SELECT n FROM gate) < $10
+       AND (SELECT units FROM gate) + sum(qty) <= $11 AS ok,
        sum(price_cents::bigint * qty) AS total,
        min(currency) AS currency
     FROM locked
@@ -67,7 +75,9 @@ WITH req AS (
     INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
     SELECT o.id, locked.id, locked.qty, locked.price_cents FROM o, locked
 )
-SELECT locked.id, locked.stock, locked.price_cents, locked.currency, (SELECT id FROM o) AS order_id
+SELECT locked.id, locked.stock, locked.price_cents, locked.currency, (SELECT id FROM o) AS order_id,
+       (SELECT n FROM gate) AS pending_orders, (SELECT units FROM gate) AS pending_units,
+       (SELECT first_expiry FROM gate) AS first_expiry
 FROM locked";
 
 const ORDER_COLUMNS: &str =
@@ -249,15 +259,14 @@ impl PgStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
+        limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
-        if let Some(key) = &request.idempotency_key {
-            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
-                return Ok(placed);
-            }
+        if let Some(placed) = self.order_for_key(customer, request).await? {
+            return Ok(placed);
         }
         let mut attempt = 0;
         loop {
-            match try_place(&self.pool, customer, request, now, expires_at).await {
+            match try_place(&self.pool, customer, request, now, expires_at, limits).await {
                 Ok(order) => return Ok(Placed { order, created: true }),
                 Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
                     // the same key raced in from another request: answer with its order
@@ -284,6 +293,7 @@ async fn try_place(
     request: &OrderRequest,
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+    limits: PendingLimits,
 ) -> Result<Order, PlaceError> {
     let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
     let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
@@ -297,6 +307,8 @@ async fn try_place(
         .bind(request.idempotency_key.as_deref())
         .bind(fingerprint(request))
         .bind(crate::domain::MAX_TOTAL_CENTS)
+        .bind(i64::from(limits.orders))
+        .bind(i64::from(limits.units))
         .fetch_all(pool)
         .await?;
     let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
@@ -315,7 +327,16 @@ async fn try_place(
         if found.values().any(|(_, _, c)| c != currency) {
             return Err(PlaceError::MixedCurrencies);
         }
-        return Err(PlaceError::TotalTooLarge);
+        let total: i64 = request.lines.iter().map(|(p, q)| i64::from(found[&p.0].1) * i64::from(q.0)).sum();
+        if total > crate::domain::MAX_TOTAL_CENTS {
+            return Err(PlaceError::TotalTooLarge);
+        }
+        let row = &rows[0];
+        let units = request.lines.iter().map(|(_, q)| i64::from(q.0)).sum();
+        let (orders, held) = (row.try_get("pending_orders")?, row.try_get("pending_units")?);
+        return Err(limits
+            .refusal(orders, held, units, row.try_get("first_expiry")?)
+            .unwrap_or(PlaceError::TotalTooLarge));
     };
     let prices: Vec<i32> = request.lines.iter().map(|(p, _)| found[&p.0].1).collect();
     let currency = found[&pids[0]].2.clone();
@@ -467,14 +488,15 @@ impl Store for PgStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
+        limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
         if request.idempotency_key.is_some() {
             // rare, and their unique-key races are simplest answered one by one
-            return self.place_alone(customer, request, now, expires_at).await;
+            return self.place_alone(customer, request, now, expires_at, limits).await;
         }
         let mut attempt = 0;
         loop {
-            match self.batcher.place(customer, request, now, expires_at).await {
+            match self.batcher.place(customer, request, now, expires_at, limits).await {
                 batch::Outcome::Done(Ok(order)) => return Ok(Placed { order, created: true }),
                 batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e))))
                     if is_retryable(&e) && attempt < 5 =>
@@ -482,8 +504,15 @@ impl Store for PgStore {
                     attempt += 1
                 }
                 batch::Outcome::Done(Err(e)) => return Err(e),
-                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at).await,
+                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at, limits).await,
             }
+        }
+    }
+
+    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {
+        match &request.idempotency_key {
+            Some(key) => self.existing_for_key(customer, key, request).await,
+            None => Ok(None),
         }
     }
 

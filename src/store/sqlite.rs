@@ -16,7 +16,7 @@ use sqlx::{
 
 use super::{
     attach_lines, cancel_refused, events_from, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner,
-    PayOutcome, PlaceError, Placed, Store, StoreError,
+    PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
 };
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
@@ -189,6 +189,33 @@ impl SqliteStore {
     }
 }
 
+/// Why the customer may not hold one more unpaid order of `new_units`
+/// units, if so. Runs inside the placement's write transaction: SQLite has
+/// one writer, so no other placement can change the count meanwhile.
+async fn pending_refusal(
+    tx: &mut Transaction<'static, Sqlite>,
+    customer: CustomerId,
+    now: DateTime<Utc>,
+    new_units: i64,
+    limits: PendingLimits,
+) -> Result<Option<PlaceError>, sqlx::Error> {
+    if limits == PendingLimits::NONE {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT count(*) AS n, min(o.expires_at) AS first_expiry,
+                coalesce(sum((SELECT sum(l.quantity) FROM order_lines l WHERE l.order_id = o.id)), 0) AS units
+         FROM orders o
+         WHERE o.customer_id = ?1 AND o.status = 'PENDING_PAYMENT' AND o.expires_at > ?2",
+    )
+    .bind(customer.0)
+    .bind(ms(now))
+    .fetch_one(&mut **tx)
+    .await?;
+    let first_expiry: Option<i64> = row.try_get("first_expiry")?;
+    Ok(limits.refusal(row.try_get("n")?, row.try_get("units")?, new_units, first_expiry.map(time)))
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
@@ -293,11 +320,10 @@ impl Store for SqliteStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
+        limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
-        if let Some(key) = &request.idempotency_key {
-            if let Some(placed) = self.existing_for_key(customer, key, request).await? {
-                return Ok(placed);
-            }
+        if let Some(placed) = self.order_for_key(customer, request).await? {
+            return Ok(placed);
         }
         let mut tx = self.begin().await?;
         let mut lines = Vec::with_capacity(request.lines.len());
@@ -334,6 +360,11 @@ impl Store for SqliteStore {
         if total > crate::domain::MAX_TOTAL_CENTS {
             tx.rollback().await?;
             return Err(PlaceError::TotalTooLarge);
+        }
+        let units = lines.iter().map(|l| i64::from(l.quantity)).sum();
+        if let Some(refusal) = pending_refusal(&mut tx, customer, now, units, limits).await? {
+            tx.rollback().await?;
+            return Err(refusal);
         }
         let currency = currency.unwrap_or_default();
         let inserted = sqlx::query_scalar::<_, i64>(
@@ -389,6 +420,13 @@ impl Store for SqliteStore {
             },
             created: true,
         })
+    }
+
+    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {
+        match &request.idempotency_key {
+            Some(key) => self.existing_for_key(customer, key, request).await,
+            None => Ok(None),
+        }
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {

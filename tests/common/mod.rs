@@ -101,6 +101,11 @@ pub async fn test_config(db_url: &str) -> Config {
         admin_token: Some(shopgraph::config::Secret(ADMIN.into())),
         jwt_secret: Some(shopgraph::config::Secret(JWT_SECRET.into())),
         auth_rate_limit_per_minute: 10_000,
+        // abuse limits are off unless a test is about them (tests/hostile/abuse.rs)
+        login_rate_limit_per_account: 10_000,
+        max_pending_orders: 1_000_000,
+        max_pending_units: 1_000_000_000,
+        order_rate_limit_per_minute: 1_000_000,
         ..Config::default()
     }
 }

@@ -27,7 +27,7 @@ use sqlx::{postgres::PgRow, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::domain::{CustomerId, Order, OrderId, OrderRequest, ProductId, MAX_TOTAL_CENTS};
-use crate::store::{fingerprint, PlaceError};
+use crate::store::{fingerprint, PendingLimits, PlaceError};
 
 /// The most orders placed by one statement: enough to amortise the commit,
 /// small enough that the batch's row locks are held briefly.
@@ -46,9 +46,10 @@ pub(super) fn workers(max_connections: u32) -> usize {
     (max_connections as usize).div_ceil(4).max(1)
 }
 
-/// `place_orders` returns one row per order of the batch, in order.
-const PLACE_ORDERS: &str = "SELECT r_order, r_id, r_currency, r_prices, r_refusal, r_product
-FROM place_orders($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[], $7::int[], $8)";
+/// `place_orders_limited` returns one row per order of the batch, in order.
+const PLACE_ORDERS: &str = "SELECT r_order, r_id, r_currency, r_prices, r_refusal, r_product, r_free_at, r_units
+FROM place_orders_limited($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[],
+                          $7::int[], $8, $9, $10)";
 
 /// What happened to one order of a batch.
 #[derive(Debug)]
@@ -66,6 +67,7 @@ struct Job {
     request: OrderRequest,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+    limits: PendingLimits,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -92,9 +94,10 @@ impl Batcher {
         request: &OrderRequest,
         created_at: DateTime<Utc>,
         expires_at: DateTime<Utc>,
+        limits: PendingLimits,
     ) -> Outcome {
         let (reply, answer) = oneshot::channel();
-        let job = Job { customer, request: request.clone(), created_at, expires_at, reply };
+        let job = Job { customer, request: request.clone(), created_at, expires_at, limits, reply };
         if self.queue.send(job).await.is_err() {
             return Outcome::Done(Err(sqlx::Error::PoolClosed.into()));
         }
@@ -172,8 +175,14 @@ fn arrays(batch: &[Job]) -> Arrays {
 async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
     if let [job] = batch {
         return vec![Outcome::Done(
-            super::try_place(pool, job.customer, &job.request, job.created_at, job.expires_at).await,
+            super::try_place(pool, job.customer, &job.request, job.created_at, job.expires_at, job.limits).await,
         )];
+    }
+    // one process places with one setting; should the limits ever differ
+    // within a batch, each order places itself with its own
+    let limits = batch[0].limits;
+    if batch.iter().any(|j| j.limits != limits) {
+        return batch.iter().map(|_| Outcome::Alone).collect();
     }
     let a = arrays(batch);
     let res = sqlx::query(PLACE_ORDERS)
@@ -185,6 +194,8 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
         .bind(&a.products)
         .bind(&a.quantities)
         .bind(MAX_TOTAL_CENTS)
+        .bind(i64::from(limits.orders))
+        .bind(i64::from(limits.units))
         .fetch_all(pool)
         .await;
     let rows = match res {
@@ -229,6 +240,12 @@ fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
         "INSUFFICIENT_STOCK" => PlaceError::InsufficientStock(product()?),
         "MIXED_CURRENCIES" => PlaceError::MixedCurrencies,
         "TOTAL_TOO_LARGE" => PlaceError::TotalTooLarge,
+        "TOO_MANY_PENDING" => PlaceError::TooManyPending { max: job.limits.orders, free_at: row.try_get("r_free_at")? },
+        "TOO_MANY_UNITS" => PlaceError::TooManyUnits {
+            max: job.limits.units,
+            would_hold: row.try_get::<Option<i64>, _>("r_units")?.unwrap_or_default(),
+            free_at: row.try_get("r_free_at")?,
+        },
         other => return Err(sqlx::Error::Protocol(format!("place_orders: unknown refusal {other:?}"))),
     };
     Ok(Outcome::Done(Err(refusal)))
