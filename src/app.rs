@@ -17,14 +17,16 @@ use crate::{
     connlimit::{self, AddrLimits},
     events::{self, EventBus},
     expiry::{
-        listener::{Listener, ListenerState},
-        nudger::Nudger,
+        canary::Canary,
+        listener::{CancelQueue, Listener, ListenerState},
+        nudger::{Fallback, Nudger},
         sweeper, Keys, Scheduler,
     },
     graphql::{self, types::StoreLoader, Services},
     http::{self, HttpState},
     orders::Orders,
     ratelimit::{LimitSettings, Limits},
+    redis_client::{self, TrustedCa},
     redis_server::{self, PrivateRedis, RedisStartError},
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
@@ -72,8 +74,10 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         telemetry::metrics_handle();
         let store = open_store(&config).await?;
-        let (redis_url, private_redis) = redis_server::resolve(config.redis_url.as_deref()).await?;
-        let client = redis::Client::open(redis_url.as_str())
+        let ca =
+            config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
+        let (redis_url, private_redis) = redis_server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
+        let client = redis_client::client(&redis_url, ca.as_ref())
             .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
         let db = client.get_connection_info().redis_settings().db();
         // Commands fail fast while Redis is away: an order is still placed
@@ -115,7 +119,11 @@ impl App {
 
         tracker.spawn(events::run_relay(relay_inbox, store.clone(), conn.clone(), keys.events(), shutdown.clone()));
         tracker.spawn(events::run_fanout(bus.clone(), store.clone(), client.clone(), keys.events(), shutdown.clone()));
-        tracker.spawn(Nudger::new(conn.clone(), keys.clone()).run(config.nudge_interval, shutdown.clone()));
+        let queue = CancelQueue::default();
+        let fallback = Fallback { listener: listener_state.clone(), cancel: queue.sender() };
+        tracker.spawn(Nudger::new(conn.clone(), keys.clone(), fallback).run(config.nudge_interval, shutdown.clone()));
+        let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
+        tracker.spawn(canary.run(shutdown.clone()));
         tracker.spawn(
             Listener {
                 client: client.clone(),
@@ -125,6 +133,8 @@ impl App {
                 orders: orders.clone(),
                 state: listener_state.clone(),
                 sweep_now: sweep_now.clone(),
+                canary: canary_inbox,
+                queue,
             }
             .run(tracker.clone(), shutdown.clone()),
         );

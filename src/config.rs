@@ -19,6 +19,8 @@ pub struct Config {
     /// `None`: use `redis://127.0.0.1:6379/0`, or start a private
     /// `redis-server` when nothing answers there.
     pub redis_url: Option<String>,
+    /// A PEM file of CAs trusted (beside the system's roots) for `rediss://`.
+    pub redis_tls_ca_file: Option<PathBuf>,
     pub redis_key_prefix: String,
     pub listen_addr: SocketAddr,
     pub order_ttl: Duration,
@@ -107,6 +109,7 @@ impl Default for Config {
             database_read_url: None,
             database_read_max_lag: Duration::from_secs(5),
             redis_url: None,
+            redis_tls_ca_file: None,
             redis_key_prefix: "shopgraph:".into(),
             listen_addr: "127.0.0.1:8000".parse().expect("valid address"),
             order_ttl: Duration::from_secs(30 * 60),
@@ -158,6 +161,9 @@ pub struct ConfigArgs {
     pub database_read_max_lag: Option<String>,
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// A PEM file of CA certificates trusted for rediss:// (beside the system's roots).
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<String>,
     #[arg(long, env = "REDIS_KEY_PREFIX")]
     pub redis_key_prefix: Option<String>,
     #[arg(long, env = "LISTEN_ADDR")]
@@ -327,6 +333,9 @@ impl ConfigArgs {
             let _ = info;
             c.redis_url = Some(url);
         }
+        if let Some(path) = self.redis_tls_ca_file.filter(|p| !p.trim().is_empty()) {
+            c.redis_tls_ca_file = Some(redis_tls_ca_file(path.trim(), c.redis_url.as_deref())?);
+        }
         if let Some(p) = self.redis_key_prefix {
             if p.is_empty() || p.chars().any(|ch| ch.is_whitespace() || ch == '*' || ch == '?' || ch == '[') {
                 return Err(bad("REDIS_KEY_PREFIX", "must be non-empty without spaces or glob characters"));
@@ -439,6 +448,18 @@ impl ConfigArgs {
     }
 }
 
+/// `REDIS_TLS_CA_FILE`: a readable PEM bundle, for a `rediss://` URL.
+fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, ConfigError> {
+    const VAR: &str = "REDIS_TLS_CA_FILE";
+    let Some(url) = redis_url.filter(|u| crate::redis_client::is_tls(u)) else {
+        return Err(bad(VAR, "is set, but REDIS_URL is not rediss://…: it only applies to Redis over TLS"));
+    };
+    let path = PathBuf::from(path);
+    let ca = crate::redis_client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
+    crate::redis_client::client(url, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    Ok(path)
+}
+
 impl ConfigArgs {
     /// The connection limits and timeouts (issue 12).
     fn connection_settings(&self, c: &mut Config) -> Result<(), ConfigError> {
@@ -541,6 +562,25 @@ mod tests {
         assert_eq!(args.into_config().unwrap_err().var, "GRAPHIQL");
         let args = ConfigArgs { graphiql: Some("false".into()), ..Default::default() };
         assert!(!args.into_config().unwrap().graphiql);
+    }
+
+    #[test]
+    fn a_redis_ca_file_needs_rediss_and_a_pem_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let args = |url: &str, file: &std::path::Path| ConfigArgs {
+            redis_url: Some(url.into()),
+            redis_tls_ca_file: Some(file.display().to_string()),
+            ..Default::default()
+        };
+        let plain = args("redis://127.0.0.1:6379/0", &junk).into_config().unwrap_err();
+        assert_eq!(plain.var, "REDIS_TLS_CA_FILE");
+        assert!(plain.reason.contains("rediss://"), "{plain}");
+        let junk = args("rediss://127.0.0.1:6380/0", &junk).into_config().unwrap_err();
+        assert!(junk.reason.contains("no PEM certificate"), "{junk}");
+        let missing = args("rediss://127.0.0.1:6380/0", &dir.path().join("nope.pem")).into_config().unwrap_err();
+        assert!(missing.reason.contains("cannot read"), "{missing}");
     }
 
     #[test]

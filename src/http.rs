@@ -464,6 +464,9 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         "redis": up(redis),
         "listener": up(listener),
         "events": up(state.events.fanout_up()),
+        // informational: while missing the nudger cancels due orders itself,
+        // so orders are still cancelled on time and readiness stands
+        "expiryEvents": state.listener.arrival().as_str(),
     });
     // informational: without the replica the primary serves the catalog
     if let Some(replica) = state.store.read_replica_usable() {

@@ -43,6 +43,7 @@ pub mod http;
 pub mod orders;
 pub mod pubsub;
 pub mod ratelimit;
+pub mod redis_client;
 pub mod redis_server;
 pub mod serve;
 pub mod shared_subscriptions;

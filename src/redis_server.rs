@@ -7,7 +7,10 @@ use std::{process::Stdio, time::Duration};
 use tokio::process::{Child, Command};
 use tracing::info;
 
-use crate::config::DEFAULT_REDIS_URL;
+use crate::{
+    config::DEFAULT_REDIS_URL,
+    redis_client::{self, TrustedCa},
+};
 
 /// A `redis-server` this process started; killed when dropped.
 pub struct PrivateRedis {
@@ -23,10 +26,17 @@ pub enum RedisStartError {
     NoServer,
     #[error("could not start a private redis-server: {0}")]
     Spawn(String),
+    #[error("REDIS_TLS_CA_FILE: {0}")]
+    TlsCa(String),
 }
 
 pub async fn ping(url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    ping_with(url, None).await
+}
+
+/// PINGs `url` within 2 s; over TLS trusting `ca` too.
+pub async fn ping_with(url: &str, ca: Option<&TrustedCa>) -> Result<(), String> {
+    let client = redis_client::client(url, ca).map_err(|e| e.to_string())?;
     let attempt = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
@@ -40,10 +50,21 @@ pub async fn ping(url: &str) -> Result<(), String> {
 
 /// The Redis URL to use, and the private server if one had to be started.
 pub async fn resolve(configured: Option<&str>) -> Result<(String, Option<PrivateRedis>), RedisStartError> {
+    resolve_with(configured, None).await
+}
+
+/// Like [`resolve`]; a configured `rediss://` URL is tried trusting `ca` too.
+pub async fn resolve_with(
+    configured: Option<&str>,
+    ca: Option<&TrustedCa>,
+) -> Result<(String, Option<PrivateRedis>), RedisStartError> {
     if let Some(url) = configured {
-        return match ping(url).await {
+        return match ping_with(url, ca).await {
             Ok(()) => Ok((url.to_string(), None)),
-            Err(reason) => Err(RedisStartError::Unreachable { url: crate::config::redact_url(url), reason }),
+            Err(e) => {
+                let reason = format!("{e}{}", redis_client::tls_hint(url, &e));
+                Err(RedisStartError::Unreachable { url: crate::config::redact_url(url), reason })
+            }
         };
     }
     if ping(DEFAULT_REDIS_URL).await.is_ok() {

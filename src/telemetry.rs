@@ -84,6 +84,11 @@ pub fn listener_up(up: bool) {
     gauge!("shopgraph_expiry_listener_up").set(if up { 1.0 } else { 0.0 });
 }
 
+/// 1 while the canary finds that expired-key events reach the listener.
+pub fn expiry_events_arriving(arriving: bool) {
+    gauge!("shopgraph_expiry_events_arriving").set(if arriving { 1.0 } else { 0.0 });
+}
+
 pub fn listener_reconnected() {
     counter!("shopgraph_expiry_listener_reconnects_total").increment(1);
 }

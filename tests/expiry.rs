@@ -314,7 +314,7 @@ async fn the_server_turns_on_keyspace_notifications_when_they_are_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn where_config_is_refused_the_sweep_still_cancels() {
+async fn where_config_is_refused_and_notifications_are_off_orders_still_cancel() {
     let redis = PrivateRedis::start(&["--notify-keyspace-events", "", "--rename-command", "CONFIG", ""]).await;
     let url = redis.url.clone();
     let app = common::spawn_app_with(Backend::Sqlite, |c| {

@@ -439,8 +439,7 @@ async fn behind_nginx_repeated_catalog_gets_are_served_from_its_cache_until_max_
     };
     let served = || async {
         let m = server.metrics().await;
-        common::child::metric(&m, "shopgraph_graphql_request_duration_seconds_count{field=\"products\"}")
-            .unwrap_or(0.0)
+        common::child::metric(&m, "shopgraph_graphql_request_duration_seconds_count{field=\"products\"}").unwrap_or(0.0)
     };
 
     let before = served().await;

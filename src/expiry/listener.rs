@@ -5,10 +5,14 @@
 //! to a small pool of workers that cancel in batches, so a burst of
 //! thousands of expiries neither serialises nor exhausts the database pool.
 //! After every reconnect it asks for a sweep at once: Redis does not replay
-//! the events that fired while we were away.
+//! the events that fired while we were away, and it asks the [canary] whether
+//! events arrive at all. The same workers cancel the ids the nudger claims
+//! while they do not ([`CancelQueue`]).
+//!
+//! [canary]: super::canary
 
 use std::sync::{
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU8, Ordering},
     Arc,
 };
 
@@ -16,22 +20,71 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use super::Keys;
+use super::{
+    canary::{Arrival, CanaryInbox},
+    Keys,
+};
 use crate::{domain::OrderId, orders::Orders, pubsub, telemetry};
 
-/// Whether the listener is subscribed now; read by `/readyz`.
+/// Whether the listener is subscribed now and whether expired-key events
+/// reach it; read by `/readyz` and the nudger.
 #[derive(Default)]
 pub struct ListenerState {
     up: AtomicBool,
-    /// Set once `CONFIG SET` was refused, so the warning is said once.
+    /// An [`Arrival`], as the canary last found it on this connection.
+    arrival: AtomicU8,
+    /// Set once `CONFIG` was refused, so that is said once.
     config_refused: AtomicBool,
 }
 
 impl ListenerState {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn arrival(&self) -> Arrival {
+        match self.arrival.load(Ordering::Relaxed) {
+            1 => Arrival::Arriving,
+            2 => Arrival::Missing,
+            _ => Arrival::Checking,
+        }
+    }
+
+    pub(super) fn set_arrival(&self, a: Arrival) {
+        let n = match a {
+            Arrival::Checking => 0,
+            Arrival::Arriving => 1,
+            Arrival::Missing => 2,
+        };
+        self.arrival.store(n, Ordering::Relaxed);
+    }
+
+    /// Whether expired-key events are known to reach the listener now; while
+    /// not, the nudger hands its claimed ids to the workers itself.
+    pub fn events_arrive(&self) -> bool {
+        self.is_up() && self.arrival() == Arrival::Arriving
+    }
+}
+
+/// The queue of ids to cancel, read by the listener's workers and fed by the
+/// listener and (while events do not arrive) the nudger.
+pub struct CancelQueue {
+    tx: mpsc::Sender<OrderId>,
+    rx: mpsc::Receiver<OrderId>,
+}
+
+impl Default for CancelQueue {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(100_000);
+        CancelQueue { tx, rx }
+    }
+}
+
+impl CancelQueue {
+    pub fn sender(&self) -> mpsc::Sender<OrderId> {
+        self.tx.clone()
     }
 }
 
@@ -50,6 +103,8 @@ pub struct Listener {
     pub state: Arc<ListenerState>,
     /// Wakes the sweeper after a reconnect.
     pub sweep_now: Arc<Notify>,
+    pub canary: CanaryInbox,
+    pub queue: CancelQueue,
 }
 
 struct Events {
@@ -57,6 +112,7 @@ struct Events {
     conn: ConnectionManager,
     state: Arc<ListenerState>,
     sweep_now: Arc<Notify>,
+    canary: CanaryInbox,
     /// To the workers; bounded so that a flood pushes back on the socket.
     ids: mpsc::Sender<OrderId>,
 }
@@ -65,8 +121,11 @@ struct Events {
 impl pubsub::Handler for Events {
     async fn connected(&mut self, reconnected: bool) {
         ensure_notifications(&mut self.conn, &self.state).await;
+        // this may be another server (a restart, a failover): ask again
+        self.state.set_arrival(Arrival::Checking);
         self.state.up.store(true, Ordering::Relaxed);
         telemetry::listener_up(true);
+        self.canary.check();
         if reconnected {
             telemetry::listener_reconnected();
             // every expiry during the gap was lost
@@ -78,6 +137,8 @@ impl pubsub::Handler for Events {
         let Ok(key) = std::str::from_utf8(payload) else { return };
         if let Some(id) = self.keys.parse_order_key(key) {
             let _ = self.ids.send(id).await;
+        } else if let Some(token) = self.keys.parse_canary_key(key) {
+            self.canary.seen(token);
         }
     }
 
@@ -88,7 +149,8 @@ impl pubsub::Handler for Events {
 }
 
 /// Adds `E` and `x` to `notify-keyspace-events`, keeping the flags there.
-/// Where CONFIG is refused (managed Redis), warns once: the sweep carries on.
+/// Best effort: where CONFIG is refused (managed Redis) the server's own
+/// setting stands, and the canary finds out whether events arrive.
 pub async fn ensure_notifications(conn: &mut ConnectionManager, state: &ListenerState) {
     let current: redis::RedisResult<Vec<String>> =
         redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(conn).await;
@@ -115,24 +177,27 @@ pub async fn ensure_notifications(conn: &mut ConnectionManager, state: &Listener
     }
 }
 
+/// Not a problem in itself (the operator may have set the flags): said once,
+/// at INFO; the canary warns if events really are missing.
 fn config_refused(state: &ListenerState, why: &str) {
     if !state.config_refused.swap(true, Ordering::Relaxed) {
-        error!(
+        info!(
             error = why,
-            "cannot read or set notify-keyspace-events (CONFIG refused): set `notify-keyspace-events Ex` on the Redis server; until then the sweep alone cancels expired orders"
+            "Redis refuses CONFIG (managed Redis?): keeping its notify-keyspace-events as set; checking with a canary key that expired-key events arrive"
         );
     }
 }
 
 impl Listener {
     pub async fn run(self, tracker: TaskTracker, shutdown: CancellationToken) {
-        let (tx, rx) = mpsc::channel(100_000);
+        let CancelQueue { tx, rx } = self.queue;
         tracker.spawn(workers(self.orders.clone(), rx, tx.clone(), tracker.clone(), shutdown.clone()));
         let mut events = Events {
             keys: self.keys.clone(),
             conn: self.conn.clone(),
             state: self.state.clone(),
             sweep_now: self.sweep_now.clone(),
+            canary: self.canary,
             ids: tx,
         };
         let channel = format!("__keyevent@{}__:expired", self.db);

@@ -8,6 +8,8 @@
 //!   them (minutes late once many keys hold TTLs), and sends `expired` now.
 //! * [`listener`] receives `__keyevent@<db>__:expired` on its own connection
 //!   and cancels the orders named by the keys.
+//! * [`canary`] checks that expired events really arrive (no `CONFIG`
+//!   needed); while they do not, the nudger cancels what it claims itself.
 //! * [`sweeper`] cancels whatever no event reached: the safety net.
 
 use redis::{aio::ConnectionManager, AsyncCommands, RedisResult};
@@ -18,6 +20,7 @@ use crate::{
     telemetry,
 };
 
+pub mod canary;
 pub mod listener;
 pub mod nudger;
 pub mod sweeper;
@@ -37,6 +40,14 @@ impl Keys {
     }
     pub fn events(&self) -> String {
         format!("{}events", self.prefix)
+    }
+    /// The notification self-check's key for one probe.
+    pub fn canary(&self, token: &str) -> String {
+        format!("{}canary:{}", self.prefix, token)
+    }
+    /// The probe token of an expired canary key, if the key is one of ours.
+    pub fn parse_canary_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?.strip_prefix("canary:")
     }
     /// The order named by an expired key, if the key is one of ours.
     pub fn parse_order_key(&self, key: &str) -> Option<OrderId> {
@@ -115,5 +126,8 @@ mod tests {
         assert_eq!(k.parse_order_key("t2:order:42"), None);
         assert_eq!(k.parse_order_key("t1:order:x"), None);
         assert_eq!(k.parse_order_key("t1:deadlines"), None);
+        assert_eq!(k.parse_order_key(&k.canary("abc")), None);
+        assert_eq!(k.parse_canary_key(&k.canary("abc")), Some("abc"));
+        assert_eq!(k.parse_canary_key("t2:canary:abc"), None);
     }
 }

@@ -7,14 +7,19 @@
 //! `ZRANGEBYSCORE`, `ZREM`, so each member is claimed by one instance) and
 //! touches their keys with `EXISTS`: Redis deletes them on the spot and the
 //! keyspace event, still the trigger, arrives on time.
+//!
+//! Where those events do not arrive (notifications off, `CONFIG` refused),
+//! the ids it claimed go straight to the listener's cancel workers instead,
+//! so the 1 s target holds without them.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use redis::{aio::ConnectionManager, AsyncCommands, Script};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::Keys;
+use super::{listener::ListenerState, Keys};
 use crate::domain::OrderId;
 
 /// The most members claimed per script call; Lua's `unpack` limit is ~8000.
@@ -38,20 +43,36 @@ pub struct Nudger {
     pub conn: ConnectionManager,
     pub keys: Keys,
     pub script: Script,
+    pub fallback: Fallback,
+}
+
+/// Where claimed ids go while expired-key events do not arrive.
+pub struct Fallback {
+    pub listener: Arc<ListenerState>,
+    /// The listener's cancel workers ([`super::listener::CancelQueue`]).
+    pub cancel: mpsc::Sender<OrderId>,
+}
+
+/// One claim: how many members left the index, and the orders whose keys
+/// are gone now (expired by the touch or before it).
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub due: usize,
+    pub expired: Vec<OrderId>,
 }
 
 impl Nudger {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
-        Nudger { conn, keys, script: Script::new(CLAIM_DUE) }
+    pub fn new(conn: ConnectionManager, keys: Keys, fallback: Fallback) -> Self {
+        Nudger { conn, keys, script: Script::new(CLAIM_DUE), fallback }
     }
 
-    /// Claims due deadlines and touches their keys. Returns how many.
-    pub async fn nudge_once(&self) -> redis::RedisResult<usize> {
+    /// Claims due deadlines and touches their keys.
+    pub async fn nudge_once(&self) -> redis::RedisResult<Claimed> {
         let mut conn = self.conn.clone();
         let due: Vec<(i64, i64)> =
             self.script.key(self.keys.deadlines()).arg(CLAIM_BATCH).invoke_async(&mut conn).await?;
         if due.is_empty() {
-            return Ok(0);
+            return Ok(Claimed::default());
         }
         let mut pipe = redis::pipe();
         for (id, _) in &due {
@@ -65,16 +86,35 @@ impl Nudger {
         if !back.is_empty() {
             conn.zadd_multiple::<_, _, _, ()>(self.keys.deadlines(), &back).await?;
         }
-        Ok(due.len())
+        let expired = due.iter().zip(&alive).filter(|(_, alive)| !**alive).map(|((id, _), _)| OrderId(*id)).collect();
+        Ok(Claimed { due: due.len(), expired })
+    }
+
+    /// Unless expired-key events are known to arrive, cancels the claimed
+    /// orders through the listener's workers (the one cancel path).
+    async fn cancel_unless_events_arrive(&self, expired: Vec<OrderId>) {
+        if expired.is_empty() || self.fallback.listener.events_arrive() {
+            return;
+        }
+        for id in expired {
+            let _ = self.fallback.cancel.send(id).await;
+        }
     }
 
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
         let mut failing = false;
         loop {
-            match self.nudge_once().await {
-                // a full batch: more are due, go on at once
-                Ok(n) if n == CLAIM_BATCH => continue,
-                Ok(_) => failing = false,
+            let claimed = self.nudge_once().await;
+            let full = matches!(&claimed, Ok(c) if c.due == CLAIM_BATCH);
+            match claimed {
+                Ok(c) => {
+                    failing = false;
+                    self.cancel_unless_events_arrive(c.expired).await;
+                    // a full batch: more are due, go on at once
+                    if full {
+                        continue;
+                    }
+                }
                 Err(e) => {
                     if !failing {
                         warn!(error = %e, "deadline nudger cannot reach Redis; the sweep covers meanwhile");

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 const SETTINGS: &[&str] = &[
     "DATABASE_URL",
     "REDIS_URL",
+    "REDIS_TLS_CA_FILE",
     "REDIS_KEY_PREFIX",
     "LISTEN_ADDR",
     "ORDER_TTL",

@@ -17,6 +17,16 @@ pub struct PrivatePostgres {
     pub url: String,
     dir: tempfile::TempDir,
     running: bool,
+    /// Extra `-c` settings of the server (e.g. TLS).
+    extra_opts: String,
+}
+
+/// A certificate and key for the server, and whether it must refuse
+/// connections without TLS.
+pub struct ServerTls<'a> {
+    pub cert_pem: &'a [u8],
+    pub key_pem: &'a [u8],
+    pub tls_only: bool,
 }
 
 fn as_postgres(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -31,6 +41,17 @@ fn as_postgres(dir: &Path, args: &[&str]) -> std::process::Output {
 
 impl PrivatePostgres {
     pub async fn start() -> Option<PrivatePostgres> {
+        Self::start_with(None).await
+    }
+
+    /// Like `start`, with `ssl=on` and the given certificate (files owned by
+    /// postgres, mode 0600, as the server demands); with `tls_only`, a
+    /// `pg_hba` that accepts TCP clients over TLS only.
+    pub async fn start_with_tls(tls: ServerTls<'_>) -> Option<PrivatePostgres> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<ServerTls<'_>>) -> Option<PrivatePostgres> {
         let root = Command::new("id").arg("-u").output().ok().is_some_and(|o| o.stdout.trim_ascii() == b"0");
         let has_user = Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success());
         if !root || !has_user || !Path::new(BIN).join("pg_ctl").exists() {
@@ -40,12 +61,16 @@ impl PrivatePostgres {
         let dir = tempfile::tempdir().expect("temp dir");
         let ok = Command::new("chown").arg("postgres:").arg(dir.path()).status().is_ok_and(|s| s.success());
         assert!(ok, "chown the cluster directory to postgres");
-        let p = PrivatePostgres {
+        let mut p = PrivatePostgres {
             port,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
             running: false,
+            extra_opts: String::new(),
         };
+        if let Some(tls) = tls {
+            p.extra_opts = p.write_tls_files(&tls);
+        }
         let data = p.data();
         let initdb = format!("{BIN}/initdb");
         let out = tokio::task::spawn_blocking({
@@ -89,6 +114,7 @@ impl PrivatePostgres {
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
             running: false,
+            extra_opts: String::new(),
         };
         let (dir, data, source_port) = (p.dir.path().to_path_buf(), p.data(), primary.port.to_string());
         let out = tokio::task::spawn_blocking(move || {
@@ -122,15 +148,44 @@ impl PrivatePostgres {
         self.dir.path().join("data")
     }
 
+    /// Writes the server's certificate, key (and hba file) into its
+    /// directory; returns the `-c` options that use them.
+    fn write_tls_files(&self, tls: &ServerTls<'_>) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.dir.path();
+        let mut files = vec![("server.crt", tls.cert_pem), ("server.key", tls.key_pem)];
+        let hba: &[u8] = b"local all all trust\nhostssl all all 127.0.0.1/32 trust\n";
+        if tls.tls_only {
+            files.push(("hba.conf", hba));
+        }
+        for (name, content) in &files {
+            let path = dir.join(name);
+            std::fs::write(&path, content).expect("write a TLS file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 0600");
+            let ok = Command::new("chown").arg("postgres:").arg(&path).status().is_ok_and(|s| s.success());
+            assert!(ok, "chown {name} to postgres");
+        }
+        let mut opts = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        );
+        if tls.tls_only {
+            opts.push_str(&format!(" -c hba_file={}", dir.join("hba.conf").display()));
+        }
+        opts
+    }
+
     /// Starts the server (again) on the same port and data; returns once it
     /// accepts connections.
     pub async fn resume(&mut self) {
         let dir = self.dir.path().to_path_buf();
         let data = self.data();
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=60",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=60{}",
             self.port,
-            dir.display()
+            dir.display(),
+            self.extra_opts
         );
         let out = tokio::task::spawn_blocking(move || {
             let log = dir.join("postgres.log");
