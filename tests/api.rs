@@ -330,6 +330,8 @@ mod http {
         assert_eq!(res.status(), 405);
         let res = app.http.get(format!("{}/healthz", app.url)).send().await.unwrap();
         assert_eq!(res.status(), 200);
+        // ready once the listener has subscribed (503 until then)
+        app.wait_ready().await;
         let res = app.http.get(format!("{}/readyz", app.url)).send().await.unwrap();
         assert_eq!(res.status(), 200);
         let body: serde_json::Value = res.json().await.unwrap();

@@ -57,17 +57,7 @@ impl PrivatePostgres {
         if !root || !has_user || !Path::new(BIN).join("pg_ctl").exists() {
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ok = Command::new("chown").arg("postgres:").arg(dir.path()).status().is_ok_and(|s| s.success());
-        assert!(ok, "chown the cluster directory to postgres");
-        let mut p = PrivatePostgres {
-            port,
-            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            dir,
-            running: false,
-            extra_opts: String::new(),
-        };
+        let mut p = PrivatePostgres::unstarted();
         if let Some(tls) = tls {
             p.extra_opts = p.write_tls_files(&tls);
         }
@@ -102,20 +92,26 @@ impl PrivatePostgres {
         Some(p)
     }
 
-    /// A streaming replica of `primary` (`pg_basebackup -R`), started on its
-    /// own free port; `None` where `start` would be.
-    pub async fn replica_of(primary: &PrivatePostgres) -> Option<PrivatePostgres> {
+    /// A cluster not made yet: a free port and an empty directory the
+    /// `postgres` user owns.
+    fn unstarted() -> PrivatePostgres {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().expect("temp dir");
         let ok = Command::new("chown").arg("postgres:").arg(dir.path()).status().is_ok_and(|s| s.success());
-        assert!(ok, "chown the replica directory to postgres");
-        let mut p = PrivatePostgres {
+        assert!(ok, "chown the cluster directory to postgres");
+        PrivatePostgres {
             port,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
             running: false,
             extra_opts: String::new(),
-        };
+        }
+    }
+
+    /// A streaming replica of `primary` (`pg_basebackup -R`), started on its
+    /// own free port; `None` where `start` would be.
+    pub async fn replica_of(primary: &PrivatePostgres) -> Option<PrivatePostgres> {
+        let mut p = PrivatePostgres::unstarted();
         let (dir, data, source_port) = (p.dir.path().to_path_buf(), p.data(), primary.port.to_string());
         let out = tokio::task::spawn_blocking(move || {
             as_postgres(
