@@ -367,9 +367,9 @@ mod http {
         let mut q = String::from("{ __schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { name } } } } } } } } } } } } } } } } }");
         let v = app.gql(None, &q, json!({})).await;
         assert_eq!(code(&v), "QUERY_TOO_COMPLEX", "{v}");
-        // 40 pages of 100 products of 5 values: 40 × 100 × 6 > MAX_COMPLEXITY
+        // 40 pages of 100 products as nodes and edges: 40 × 100 × 13 > MAX_COMPLEXITY
         q = (0..40)
-            .map(|i| format!("a{i}: products(first: 100) {{ nodes {{ id sku name stock }} }}"))
+            .map(|i| format!("a{i}: products(first: 100) {{ nodes {{ id sku name stock }} edges {{ cursor node {{ id sku name stock }} }} }}"))
             .collect::<Vec<_>>()
             .join(" ");
         let v = app.gql(None, &format!("{{ {q} }}"), json!({})).await;

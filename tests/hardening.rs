@@ -34,10 +34,10 @@ async fn query_depth_complexity_aliases_size_and_batches_are_bounded() {
     let deep = "{ __schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { name } } } } } } } } } } } } } } } } }";
     assert_eq!(code(&app.gql(None, deep, json!({})).await), "QUERY_TOO_COMPLEX");
 
-    // complexity: 30 pages of 100 products, 8 values each
-    let page = "products(first: 100) { nodes { id sku name priceCents currency stock } }";
-    let v = app.gql(None, &format!("{{ {} }}", aliases(30, page)), json!({})).await;
-    assert_eq!(code(&v), "QUERY_TOO_COMPLEX", "30 aliases but 30 × 100 × 8 > {MAX_COMPLEXITY}: {v}");
+    // complexity: 40 pages of 100 products, as nodes and as edges: 17 values each
+    let page = "products(first: 100) { nodes { id sku name priceCents currency stock } edges { cursor node { id sku name priceCents currency stock } } }";
+    let v = app.gql(None, &format!("{{ {} }}", aliases(40, page)), json!({})).await;
+    assert_eq!(code(&v), "QUERY_TOO_COMPLEX", "40 aliases but 40 × 100 × 17 > {MAX_COMPLEXITY}: {v}");
 
     // aliases: complexity alone does not bound them. 1,000 aliases of
     // `product(id) { id }` cost 1,000 × 2 = 2,000, within MAX_COMPLEXITY,

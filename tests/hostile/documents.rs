@@ -154,9 +154,10 @@ async fn amplifying_batches_are_refused_whole() {
     let answers: Vec<Value> = while_others_are_served(&app, res).await.unwrap().json().await.unwrap();
     assert_eq!(answers.len(), 10);
     assert!(answers.iter().all(|a| code(a) == "QUERY_TOO_COMPLEX" && a["data"].is_null()), "{answers:?}");
-    // each of these fits alone (3 × 100 × 8 = 2,400) and ten do not
+    // each of these fits alone (10 × 100 × 8 = 8,000) and ten do not
     let page = "products(first: 100) { nodes { id sku name priceCents currency stock } }";
-    let one = json!({"query": format!("{{ a: {page} b: {page} c: {page} }}")});
+    let ten = (0..10).map(|i| format!("p{i}: {page}")).collect::<Vec<_>>().join(" ");
+    let one = json!({"query": format!("{{ {ten} }}")});
     let alone = app.gql(None, one["query"].as_str().unwrap(), json!({})).await;
     assert!(alone.get("errors").is_none(), "{alone}");
     let res = app.http.post(format!("{}/graphql", app.url)).json(&vec![one.clone(); 10]).send().await.unwrap();
