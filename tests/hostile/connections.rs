@@ -340,10 +340,23 @@ async fn a_request_in_flight_at_shutdown_is_answered_while_new_connections_are_r
     let body = json!({"query": "{ products(first: 1) { pageInfo { hasNextPage } } }"}).to_string();
     let mut conn = TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /graphql HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /graphql HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     conn.write_all(head.as_bytes()).await.unwrap();
+    // `100 Continue` comes once the handler reads the body: the request is
+    // in flight (not merely queued in the kernel) before the stop
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&seen).contains("100 Continue\r\n\r\n") {
+            let mut buf = [0u8; 256];
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("100 Continue in time");
     conn.write_all(&body.as_bytes()[..10]).await.unwrap();
 
     let stopping = tokio::spawn(app.stop());
