@@ -90,7 +90,8 @@ pub struct Email(String);
 
 impl Email {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
-        if has_forbidden_chars(raw) {
+        // surrounding blanks (a pasted address) are trimmed, as before; what is left must be clean
+        if has_forbidden_chars(raw.trim()) {
             return Err(invalid(format!("{} is not a valid email address", preview(raw))));
         }
         let e = raw.trim().to_lowercase();

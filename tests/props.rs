@@ -94,7 +94,9 @@ proptest! {
     fn passwords_and_idempotency_keys_are_bounded(raw in ".{0,300}") {
         let chars = raw.chars().count();
         prop_assert_eq!(Password::parse(&raw).is_ok(), (8..=256).contains(&chars));
-        let key_ok = !raw.is_empty() && raw.len() <= 128 && !raw.chars().any(char::is_control);
+        // no control characters and no text-direction overrides (U+202A–E, U+2066–9)
+        let hidden = |c: char| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        let key_ok = !raw.is_empty() && raw.len() <= 128 && !raw.chars().any(hidden);
         prop_assert_eq!(parse_idempotency_key(&raw).is_ok(), key_ok);
     }
 
