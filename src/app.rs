@@ -160,6 +160,8 @@ impl App {
         let documents = graphql::Documents::default();
         let persisted = graphql::persisted::PersistedQueries::new(conn.clone(), &config.redis_key_prefix);
         let schema = graphql::build(services, documents.clone(), config.introspection, persisted);
+        let responses =
+            Arc::new(crate::caching::responses::ResponseCache::new(config.catalog_cache_ttl, bus.changes()));
         let state = HttpState {
             schema,
             documents,
@@ -181,6 +183,7 @@ impl App {
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             cors: config.cors_allowed_origins.clone().map(Arc::new),
             catalog_max_age: config.catalog_max_age,
+            responses,
             metrics_token: config.metrics_token.clone(),
             graphiql: config.graphiql,
         };

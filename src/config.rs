@@ -77,6 +77,10 @@ pub struct Config {
     pub cors_allowed_origins: Option<crate::cors::AllowedOrigins>,
     /// `max-age` of anonymous catalog responses (`Cache-Control: public`).
     pub catalog_max_age: Duration,
+    /// How long this server answers an anonymous catalog request from its
+    /// own cache at most (zero: it never does). Writes through this
+    /// instance show at once regardless.
+    pub catalog_cache_ttl: Duration,
     /// The bearer token `/metrics` requires; `None`: `/metrics` answers 404.
     pub metrics_token: Option<Secret>,
     /// Whether `/graphiql` (and the redirect from `/`) is served.
@@ -142,6 +146,7 @@ impl Default for Config {
             order_rate_limit_per_minute: 60,
             cors_allowed_origins: None,
             catalog_max_age: Duration::from_secs(5),
+            catalog_cache_ttl: Duration::from_secs(1),
             metrics_token: None,
             graphiql: true,
         }
@@ -247,6 +252,10 @@ pub struct ConfigArgs {
     /// How long shared caches may keep anonymous catalog responses (e.g. 5s).
     #[arg(long, env = "CATALOG_MAX_AGE")]
     pub catalog_max_age: Option<String>,
+    /// How long the server reuses its own answer to an anonymous catalog request; `0s` turns it off
+    /// [default: 1s]. Writes through the same instance show at once.
+    #[arg(long, env = "CATALOG_CACHE_TTL")]
+    pub catalog_cache_ttl: Option<String>,
     /// Bearer token that `/metrics` requires (at least 16 characters); unset: `/metrics` answers 404.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -433,6 +442,18 @@ impl ConfigArgs {
         }
         if let Some(v) = self.catalog_max_age {
             c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
+        }
+        if let Some(v) = self.catalog_cache_ttl {
+            // zero is allowed here: it turns the cache off
+            c.catalog_cache_ttl = match v.trim() {
+                "0" => Duration::ZERO,
+                raw => humantime::parse_duration(raw).map_err(|_| {
+                    bad("CATALOG_CACHE_TTL", format!("invalid duration {raw:?} (expected e.g. 500ms, 1s, or 0s: off)"))
+                })?,
+            };
+            if c.catalog_cache_ttl > Duration::from_secs(60) {
+                return Err(bad("CATALOG_CACHE_TTL", "must be at most 60s (stock would be shown that stale)"));
+            }
         }
         if let Some(v) = self.metrics_token {
             // a scrape credential that travels in every request: long enough not to be guessed

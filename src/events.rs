@@ -18,7 +18,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -81,6 +81,10 @@ struct Inner {
     relay: mpsc::UnboundedSender<Vec<OrderEvent>>,
     seen: Mutex<Seen>,
     fanout_up: AtomicBool,
+    /// Bumped on every event delivered here, every resync and every
+    /// product change made here: whoever keeps a copy of the catalog
+    /// (stock moves with orders) knows it went stale.
+    changes: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -130,6 +134,7 @@ impl EventBus {
                 relay,
                 seen: Mutex::default(),
                 fanout_up: AtomicBool::new(false),
+                changes: Arc::default(),
             }),
         };
         (bus, RelayInbox(inbox))
@@ -152,6 +157,7 @@ impl EventBus {
         if !first {
             return;
         }
+        self.inner.changes.fetch_add(1, Ordering::AcqRel);
         let customer = event.order.customer_id;
         let _ = self.inner.tx.send(Fanout::Event(event.clone()));
         let mut channels = self.inner.customers.lock().expect("channels lock");
@@ -169,6 +175,7 @@ impl EventBus {
 
     /// Tells every subscription that events may have been missed.
     fn resync(&self) {
+        self.inner.changes.fetch_add(1, Ordering::AcqRel);
         let _ = self.inner.tx.send(Fanout::Resync);
         let mut channels = self.inner.customers.lock().expect("channels lock");
         channels.by_customer.retain(|_, tx| tx.send(Fanout::Resync).is_ok());
@@ -185,6 +192,22 @@ impl EventBus {
             channels.by_customer.retain(|_, tx| tx.receiver_count() > 0);
         }
         channels.by_customer.entry(customer).or_insert_with(|| broadcast::channel(CUSTOMER_CAPACITY).0).subscribe()
+    }
+
+    /// A counter that moves whenever the catalog may have changed: every
+    /// order event delivered here (committed here or elsewhere), every
+    /// resync, every product created or restocked here. It moves
+    /// synchronously: a change made by this instance has moved it before
+    /// the request that made it is answered.
+    pub fn changes(&self) -> Arc<AtomicU64> {
+        self.inner.changes.clone()
+    }
+
+    /// A product was created or restocked by this instance. (Other
+    /// instances' product changes reach no counter here: caches bound what
+    /// they hide by their TTL.)
+    pub fn catalog_changed(&self) {
+        self.inner.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn fanout_up(&self) -> bool {

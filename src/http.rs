@@ -24,7 +24,7 @@ use tower_http::services::ServeDir;
 
 use crate::{
     auth::{Auth, InvalidToken},
-    caching,
+    caching::{self, responses},
     client_addr::{self, Cidr},
     config::Secret,
     connlimit::{AddrLimits, Refused},
@@ -62,6 +62,8 @@ pub struct HttpState {
     pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
     /// `max-age` of anonymous catalog responses (`CATALOG_MAX_AGE`).
     pub catalog_max_age: Duration,
+    /// The server's own store of those responses (`CATALOG_CACHE_TTL`).
+    pub responses: Arc<responses::ResponseCache>,
     /// The bearer token `/metrics` requires (`METRICS_TOKEN`); `None`: 404.
     pub metrics_token: Option<Secret>,
     /// Whether GraphiQL is served (`GRAPHIQL`).
@@ -214,7 +216,13 @@ fn rate_limited(response: &BatchResponse) -> Option<u64> {
         .max()
 }
 
-async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, batch: BatchRequest) -> Response {
+async fn execute(
+    state: &HttpState,
+    headers: &HeaderMap,
+    client: ClientAddr,
+    batch: BatchRequest,
+    key: Option<responses::Key>,
+) -> Response {
     let modern = wants_graphql_response(headers);
     let identity = match authorization(headers).and_then(|bearer| state.auth.authenticate(bearer)) {
         Ok(i) => i,
@@ -228,21 +236,30 @@ async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, bat
             BatchRequest::Batch(v) => BatchResponse::Batch(v.iter().map(|_| refused(())).collect()),
         };
         let status = if modern { StatusCode::BAD_REQUEST } else { StatusCode::OK };
-        let res = graphql_response(status, modern, &response);
-        return caching::apply(state.catalog_max_age, headers, caching::Verdict::NoStore, res).await;
+        return caching::not_public(caching::Verdict::NoStore, graphql_response(status, modern, &response));
     }
     // timed per operation by the schema's `RequestMetrics` extension
     let catalog = caching::CatalogOnly::default();
+    let ticket = state.responses.ticket();
     let batch = batch.data(identity).data(client).data(catalog.clone());
     let response = state.schema.execute_batch(batch).await;
     if let Some(secs) = rate_limited(&response) {
         let mut res = (StatusCode::TOO_MANY_REQUESTS, Json(response)).into_response();
-        let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        res.headers_mut().insert(header::CONTENT_TYPE, content_type(modern));
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return caching::apply(state.catalog_max_age, headers, caching::Verdict::NoStore, res).await;
+        return caching::not_public(caching::Verdict::NoStore, res);
     }
     let cache = caching::verdict(&identity, &response, &catalog);
+    if cache == caching::Verdict::Public {
+        let Some(body) = graphql_body(&response) else {
+            return caching::not_public(caching::Verdict::NoStore, too_large());
+        };
+        let (body, tag) = caching::tagged(body);
+        if let Some(key) = key {
+            state.responses.put(key, ticket, body.clone(), tag.clone());
+        }
+        return caching::public(state.catalog_max_age, headers, content_type(modern), body, tag, Duration::ZERO);
+    }
     let request_error = match &response {
         BatchResponse::Single(r) => {
             r.data == async_graphql::Value::Null && r.errors.iter().all(|e| e.path.is_empty()) && r.is_err()
@@ -250,24 +267,51 @@ async fn execute(state: &HttpState, headers: &HeaderMap, client: ClientAddr, bat
         BatchResponse::Batch(_) => false,
     };
     let status = if modern && request_error { StatusCode::BAD_REQUEST } else { StatusCode::OK };
-    let res = graphql_response(status, modern, &response);
-    caching::apply(state.catalog_max_age, headers, cache, res).await
+    caching::not_public(cache, graphql_response(status, modern, &response))
+}
+
+/// The server's cache key for an anonymous request, when the cache is on.
+fn cache_key(state: &HttpState, headers: &HeaderMap, get: bool, request: Bytes) -> Option<responses::Key> {
+    (state.responses.enabled() && !headers.contains_key(header::AUTHORIZATION)).then(|| responses::Key {
+        get,
+        modern: wants_graphql_response(headers),
+        request,
+    })
+}
+
+/// The stored answer to an anonymous catalog request, if fresh.
+fn cached(state: &HttpState, headers: &HeaderMap, key: Option<&responses::Key>) -> Option<Response> {
+    let hit = state.responses.get(key?)?;
+    telemetry::catalog_cache_hit();
+    let content_type = content_type(key?.modern);
+    Some(caching::public(state.catalog_max_age, headers, content_type, hit.body, hit.etag, hit.age))
+}
+
+fn content_type(modern: bool) -> HeaderValue {
+    HeaderValue::from_static(if modern { "application/graphql-response+json" } else { "application/json" })
 }
 
 /// A GraphQL response as the client asked for it, refused with a coded
 /// error if its body would pass [`MAX_RESPONSE_BYTES`].
 fn graphql_response(status: StatusCode, modern: bool, response: &BatchResponse) -> Response {
-    let content_type = if modern { "application/graphql-response+json" } else { "application/json" };
-    let mut body = BoundedBody::default();
-    if serde_json::to_writer(&mut body, response).is_err() {
-        telemetry::response_too_large();
-        let message =
-            format!("the response would exceed {MAX_RESPONSE_BYTES} bytes; ask for smaller pages or fewer fields");
-        return error_body(StatusCode::OK, &message, errors::QUERY_TOO_COMPLEX);
-    }
-    let mut res = (status, body.0).into_response();
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let Some(body) = graphql_body(response) else { return too_large() };
+    let mut res = (status, body).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, content_type(modern));
     res
+}
+
+/// The JSON body of a response; `None` past [`MAX_RESPONSE_BYTES`].
+fn graphql_body(response: &BatchResponse) -> Option<Bytes> {
+    let mut body = BoundedBody::default();
+    serde_json::to_writer(&mut body, response).ok()?;
+    Some(Bytes::from(body.0))
+}
+
+fn too_large() -> Response {
+    telemetry::response_too_large();
+    let message =
+        format!("the response would exceed {MAX_RESPONSE_BYTES} bytes; ask for smaller pages or fewer fields");
+    error_body(StatusCode::OK, &message, errors::QUERY_TOO_COMPLEX)
 }
 
 /// A response body that refuses to grow past [`MAX_RESPONSE_BYTES`].
@@ -335,6 +379,10 @@ async fn graphql_post(
             return error_body(rejection.status(), &message, code);
         }
     };
+    let key = cache_key(&state, &headers, false, body.clone());
+    if let Some(hit) = cached(&state, &headers, key.as_ref()) {
+        return hit;
+    }
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -355,7 +403,7 @@ async fn graphql_post(
         }
     }
     let client = client(&state, &headers, addr);
-    execute(&state, &headers, client, batch).await
+    execute(&state, &headers, client, batch, key).await
 }
 
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
@@ -379,6 +427,10 @@ async fn graphql_get(
         return websocket(state, client, upgrade, Protocol::preferred(&parts.headers));
     }
     let query = parts.uri.query().unwrap_or_default();
+    let key = cache_key(&state, &parts.headers, true, Bytes::copy_from_slice(query.as_bytes()));
+    if let Some(hit) = cached(&state, &parts.headers, key.as_ref()) {
+        return hit;
+    }
     let request = match parse_query_string(query) {
         Ok(r) => r,
         Err(e) => {
@@ -397,7 +449,7 @@ async fn graphql_get(
     }
     let client = client(&state, &parts.headers, addr);
     let request = request.data(crate::graphql::persisted::SafeMethod);
-    execute(&state, &parts.headers, client, BatchRequest::Single(request)).await
+    execute(&state, &parts.headers, client, BatchRequest::Single(request), key).await
 }
 
 fn is_mutation(request: &async_graphql::Request) -> bool {

@@ -47,6 +47,8 @@ impl Orders {
             Err(e) => return Err(self.refused(e, now)),
         };
         if placed.created {
+            // the reserved stock leaves the catalog (this instance's copies of it)
+            self.events.catalog_changed();
             let order = &placed.order;
             let span = tracing::info_span!("place order", order_id = %order.id, customer_id = %customer);
             async {

@@ -149,6 +149,13 @@ pub fn db_pool(in_use: u32, idle: u32) {
 }
 
 /// A response refused because its body would pass the response-size cap.
+/// An anonymous catalog request answered from the server's own cache
+/// (it executed nothing, so `shopgraph_graphql_request_duration_seconds`
+/// does not see it).
+pub fn catalog_cache_hit() {
+    counter!("shopgraph_catalog_cache_hits_total").increment(1);
+}
+
 pub fn response_too_large() {
     counter!("shopgraph_graphql_responses_too_large_total").increment(1);
 }

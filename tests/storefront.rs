@@ -544,3 +544,116 @@ async fn date_time_is_specified_by_rfc_3339_for_codegen() {
         .contains("scalar DateTime @specifiedBy(url: \"https://www.rfc-editor.org/rfc/rfc3339\")"));
     app.stop().await;
 }
+
+// The server's own cache of anonymous catalog answers (CATALOG_CACHE_TTL).
+
+async fn catalog_stock(app: &TestApp) -> i64 {
+    let res = get_query(app, &[("query", CATALOG)]).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: serde_json::Value = res.json().await.unwrap();
+    body["data"]["products"]["nodes"][0]["stock"].as_i64().unwrap_or_else(|| panic!("{body}"))
+}
+
+/// Adds stock behind the server's back, as another instance or a script would.
+async fn restock_directly(app: &TestApp, product: &str, quantity: i32) {
+    let id = shopgraph::domain::ProductId::parse(product).unwrap();
+    app.store.restock_product(id, quantity).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_catalog_reads_are_answered_from_the_servers_cache_and_changes_through_it_show_at_once() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.catalog_cache_ttl = std::time::Duration::from_secs(60)).await;
+    let product = app.create_product("RC-1", 500, 10).await;
+    assert_eq!(catalog_stock(&app).await, 10);
+
+    // a change the server did not make is not seen while its answer is fresh
+    restock_directly(&app, &product, 5).await;
+    assert_eq!(catalog_stock(&app).await, 10, "the stored answer");
+    let hits = common::child::metric(&app.metrics().await, "shopgraph_catalog_cache_hits_total").unwrap_or(0.0);
+    assert!(hits >= 1.0, "counted as a hit: {hits}");
+
+    // every change made through it shows at once: an order, a cancellation, a restock
+    let (token, _) = app.customer().await;
+    let order = app.order_id(&token, &[(&product, 3)]).await;
+    assert_eq!(catalog_stock(&app).await, 12, "15 minus the 3 the order reserved");
+    app.cancel(&token, &order).await;
+    assert_eq!(catalog_stock(&app).await, 15);
+    app.data(
+        Some(common::ADMIN),
+        "mutation($id: ID!) { restockProduct(id: $id, quantity: 1) { stock } }",
+        json!({"id": product}),
+    )
+    .await;
+    assert_eq!(catalog_stock(&app).await, 16);
+
+    // an answer for a token is never the stored one
+    restock_directly(&app, &product, 1).await;
+    let mine = app
+        .http
+        .get(format!("{}/graphql", app.url))
+        .query(&[("query", CATALOG)])
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cache_control(&mine), "private, no-store");
+    let body: serde_json::Value = mine.json().await.unwrap();
+    assert_eq!(body["data"]["products"]["nodes"][0]["stock"], 17, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instances_orders_show_at_once_and_its_restocks_within_the_cache_ttl() {
+    let ttl = std::time::Duration::from_millis(300);
+    let a = spawn_app_with(Backend::Sqlite, |c| c.catalog_cache_ttl = ttl).await;
+    let b = a.sibling().await;
+    let product = a.create_product("RC-2", 500, 10).await;
+    assert_eq!(catalog_stock(&a).await, 10);
+
+    // an order's event reaches every instance, and with it the change of stock
+    let (token, _) = b.customer().await;
+    let order = b.order_id(&token, &[(&product, 4)]).await;
+    b.cancel(&token, &order).await;
+    common::eventually(std::time::Duration::from_secs(5), || async {
+        // the cancellation's event arrived: the stock it returned shows
+        (a.order(&token, &order).await["status"] == "CANCELLED").then_some(())
+    })
+    .await;
+    assert_eq!(catalog_stock(&a).await, 10);
+
+    // a restock through b is seen by a once its stored answer is older than the TTL
+    b.data(
+        Some(common::ADMIN),
+        "mutation($id: ID!) { restockProduct(id: $id, quantity: 5) { stock } }",
+        json!({"id": product}),
+    )
+    .await;
+    // (bounded by a few TTLs, not to the millisecond: this is not a timing test)
+    common::eventually(ttl * 10, || async { (catalog_stock(&a).await == 15).then_some(()) }).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_catalog_cache_ttl_reads_the_database_every_time() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.catalog_cache_ttl = std::time::Duration::ZERO).await;
+    let product = app.create_product("RC-3", 500, 10).await;
+    assert_eq!(catalog_stock(&app).await, 10);
+    restock_directly(&app, &product, 5).await;
+    assert_eq!(catalog_stock(&app).await, 15);
+    app.stop().await;
+}
+
+#[test]
+fn the_catalog_cache_ttl_is_a_duration_of_at_most_a_minute_and_zero_turns_it_off() {
+    let parse = |v: &str| {
+        shopgraph::config::ConfigArgs { catalog_cache_ttl: Some(v.into()), ..Default::default() }.into_config()
+    };
+    assert_eq!(parse("0s").unwrap().catalog_cache_ttl, std::time::Duration::ZERO);
+    assert_eq!(parse("0").unwrap().catalog_cache_ttl, std::time::Duration::ZERO);
+    assert_eq!(parse("250ms").unwrap().catalog_cache_ttl, std::time::Duration::from_millis(250));
+    for bad in ["soon", "2m"] {
+        let e = parse(bad).unwrap_err().to_string();
+        assert!(e.starts_with("CATALOG_CACHE_TTL: "), "{e}");
+    }
+}

@@ -129,6 +129,7 @@ impl Mutation {
             StoreError::Conflict(_) => ShopError::Conflict(format!("a product with sku {:?} already exists", p.sku)),
             e => ShopError::Store(e),
         })?;
+        services(ctx).events.catalog_changed();
         Ok(ProductNode(product))
     }
 
@@ -149,6 +150,7 @@ impl Mutation {
                 return Err(ShopError::Invalid(crate::domain::invalid("the stock would exceed 2147483647 units")).into())
             }
         };
+        services(ctx).events.catalog_changed();
         Ok(ProductNode(product))
     }
 

@@ -246,6 +246,12 @@ impl TestApp {
         v["data"]["createOrder"]["id"].as_str().unwrap_or_else(|| panic!("order not placed: {v}")).to_string()
     }
 
+    /// The Prometheus text of `/metrics` (asked with the test `METRICS_TOKEN`).
+    pub async fn metrics(&self) -> String {
+        let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(METRICS_TOKEN);
+        req.send().await.unwrap().text().await.unwrap()
+    }
+
     pub async fn stock(&self, product: &str) -> i64 {
         let d = self.data(None, "query($id: ID!) { product(id: $id) { stock } }", json!({"id": product})).await;
         d["product"]["stock"].as_i64().unwrap()

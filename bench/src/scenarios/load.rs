@@ -89,37 +89,46 @@ pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
         ),
         CREATE_COLUMNS,
     );
+    // the server's own cache on (its default), and off: every request executes
+    let modes: [(&str, Option<&str>); 2] = [("", None), ("uncached ", Some("0s"))];
     for target in &ctx.targets {
         for store in ctx.stores_for(target) {
-            let dep = match deploy(ctx, target, &spec(store, "1h")).await {
-                Ok(d) => d,
-                Err(e) => {
-                    t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
-                    continue;
+            for (mode, ttl) in modes {
+                let mut env = spec(store, "1h");
+                if let Some(ttl) = ttl {
+                    env.extra.push(("CATALOG_CACHE_TTL".into(), ttl.into()));
                 }
-            };
-            let res: Result<()> = async {
-                let gql = Gql::new(ctx.http.clone(), &dep.http);
-                let (bodies, tokens) = order_setup(&gql, &dep.admin, ctx.sizes.products, ctx.sizes.customers).await?;
-                for &level in &ctx.sizes.levels {
-                    log(&format!("  createOrder c{level}"));
-                    let mut r = order_load(ctx, &dep, &gql, &bodies, &tokens, level).await;
-                    if let Some(e) = &r.first_error {
-                        log(&format!("  first error: {e}"));
+                let dep = match deploy(ctx, target, &env).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        t.push_failed(&target.label, &label_case(store, mode.trim()), &format!("{e:#}"));
+                        continue;
                     }
-                    t.push(
-                        &target.label,
-                        &label_case(store, &format!("c{level}")),
-                        load_cells(&mut r, store, dep.pid().is_some()),
-                    );
+                };
+                let res: Result<()> = async {
+                    let gql = Gql::new(ctx.http.clone(), &dep.http);
+                    let (bodies, tokens) =
+                        order_setup(&gql, &dep.admin, ctx.sizes.products, ctx.sizes.customers).await?;
+                    for &level in &ctx.sizes.levels {
+                        log(&format!("  createOrder c{level}"));
+                        let mut r = order_load(ctx, &dep, &gql, &bodies, &tokens, level).await;
+                        if let Some(e) = &r.first_error {
+                            log(&format!("  first error: {e}"));
+                        }
+                        t.push(
+                            &target.label,
+                            &label_case(store, &format!("{mode}c{level}")),
+                            load_cells(&mut r, store, dep.pid().is_some()),
+                        );
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await;
+                if let Err(e) = &res {
+                    t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
+                }
+                finish(ctx, dep, &res).await;
             }
-            .await;
-            if let Err(e) = &res {
-                t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
-            }
-            finish(ctx, dep, &res).await;
         }
     }
     t.notes.push(format!(
@@ -132,7 +141,7 @@ pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
 
 pub async fn products(ctx: &Ctx) -> Vec<Table> {
     let mut t = Table::new(
-        "products(first: 20) read path, anonymous (100 products in the store)",
+        "products(first: 20) read path, anonymous (100 products in the store); `uncached`: CATALOG_CACHE_TTL=0s, every request executes",
         &[
             "requests/s",
             "p50 ms",

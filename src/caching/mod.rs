@@ -7,6 +7,10 @@
 //! with a strong `ETag`; a matching `If-None-Match` gets 304 without a body.
 //! Anything answered for a token is `private, no-store`; everything else
 //! (mutations, errors, other fields, batches) is `no-store`.
+//!
+//! [`responses`] keeps those public answers in the server too.
+
+pub mod responses;
 
 use std::{
     collections::HashSet,
@@ -23,9 +27,9 @@ use async_graphql::{
     BatchResponse, ServerResult, Variables,
 };
 use axum::{
-    body::Body,
+    body::{Body, Bytes},
     http::{header, HeaderMap, HeaderValue, StatusCode},
-    response::{IntoResponse, Response},
+    response::Response,
 };
 
 use crate::auth::Identity;
@@ -65,37 +69,50 @@ pub fn verdict(identity: &Identity, response: &BatchResponse, catalog: &CatalogO
     }
 }
 
-/// Sets `Cache-Control` (and, when public, `ETag` and `Vary`) on a response;
-/// answers 304 when the client already holds this body.
-pub async fn apply(max_age: Duration, request: &HeaderMap, verdict: Verdict, mut res: Response) -> Response {
+/// Sets `Cache-Control` on a response that is not public.
+pub fn not_public(verdict: Verdict, mut res: Response) -> Response {
     let control = match verdict {
         Verdict::Private => HeaderValue::from_static("private, no-store"),
-        Verdict::NoStore => HeaderValue::from_static("no-store"),
-        Verdict::Public => return public(max_age, request, res).await,
+        Verdict::NoStore | Verdict::Public => HeaderValue::from_static("no-store"),
     };
     res.headers_mut().insert(header::CACHE_CONTROL, control);
     res
 }
 
-async fn public(max_age: Duration, request: &HeaderMap, res: Response) -> Response {
-    let (mut parts, body) = res.into_parts();
-    // The body is an in-memory JSON document: collecting it copies nothing.
-    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    };
-    let tag = etag(&bytes);
-    let headers = &mut parts.headers;
+/// A public body and its validator, as a response and the cache keep it.
+pub fn tagged(body: Bytes) -> (Bytes, HeaderValue) {
+    let tag = etag(&body);
+    (body, tag)
+}
+
+/// The response for a public body: `Cache-Control`, `ETag`, `Vary`, `Age`
+/// when it was executed a while ago; 304 without a body when the client
+/// already holds it.
+pub fn public(
+    max_age: Duration,
+    request: &HeaderMap,
+    content_type: HeaderValue,
+    body: Bytes,
+    tag: HeaderValue,
+    age: Duration,
+) -> Response {
+    let mut res = Response::new(Body::empty());
+    let headers = res.headers_mut();
     headers.insert(header::CACHE_CONTROL, cache_control(max_age));
     // application/json or application/graphql-response+json, by Accept
-    headers.append(header::VARY, HeaderValue::from_static("Accept"));
-    headers.insert(header::ETAG, tag.clone());
-    if if_none_match(request, &tag) {
-        parts.status = StatusCode::NOT_MODIFIED;
-        headers.remove(header::CONTENT_TYPE);
-        headers.remove(header::CONTENT_LENGTH);
-        return Response::from_parts(parts, Body::empty());
+    headers.insert(header::VARY, HeaderValue::from_static("Accept"));
+    if age >= Duration::from_secs(1) {
+        headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
     }
-    Response::from_parts(parts, Body::from(bytes))
+    let not_modified = if_none_match(request, &tag);
+    headers.insert(header::ETAG, tag);
+    if not_modified {
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        return res;
+    }
+    res.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    *res.body_mut() = Body::from(body);
+    res
 }
 
 fn cache_control(max_age: Duration) -> HeaderValue {
