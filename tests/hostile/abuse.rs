@@ -333,16 +333,20 @@ async fn with_redis_down_limits_still_apply_per_process_without_hanging() {
     register(&app, "down@example.com").await;
     redis.kill();
     assert!(!redis.ping().await);
+    // "without hanging": a Redis call waits at most its 150 ms budget, so a
+    // login takes its argon2 time (seconds in a debug build on a busy
+    // machine), never the minutes of a reconnect loop. Not a timing test.
+    let hang = Duration::from_secs(15);
     for i in 0..3 {
         let started = Instant::now();
         let a = login(&app, None, "down@example.com", &format!("guess {i}")).await;
         assert_eq!(a.code(), "UNAUTHENTICATED", "{}", a.body);
-        assert!(started.elapsed() < Duration::from_secs(3), "a login took {:?}", started.elapsed());
+        assert!(started.elapsed() < hang, "a login took {:?}", started.elapsed());
     }
     let started = Instant::now();
     let a = login(&app, None, "down@example.com", "correct horse battery").await;
     assert_rate_limited(&a, 60);
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < hang);
     // other accounts are still served
     let a = login(&app, None, "nobody@example.com", "nope nope").await;
     assert_eq!(a.code(), "UNAUTHENTICATED", "{}", a.body);
