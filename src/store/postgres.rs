@@ -97,6 +97,8 @@ impl PgStore {
             .acquire_timeout(timeout)
             .connect_with(options)
             .await?;
+        // sqlx's migrator holds pg_advisory_lock for the whole run, so
+        // instances started together on a fresh database take turns
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let batcher = batch::Batcher::start(pool.clone(), batch::workers(max_connections));
         let replica = read.map(|r| replica::Replica::open(&r.url, max_connections, timeout, r.max_lag)).transpose()?;

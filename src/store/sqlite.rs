@@ -54,7 +54,7 @@ impl SqliteStore {
             .busy_timeout(timeout);
         let writer =
             SqlitePoolOptions::new().max_connections(1).acquire_timeout(timeout).connect_with(options.clone()).await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        migrate(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(timeout)
@@ -66,6 +66,19 @@ impl SqliteStore {
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         self.writer.begin_with("BEGIN IMMEDIATE").await
     }
+}
+
+/// Runs the migrations holding SQLite's write lock from the first read of
+/// `_sqlx_migrations` to the last migration. sqlx takes no lock on SQLite,
+/// so processes started together on a fresh file would each find nothing
+/// applied and all but one fail with `table customers already exists`;
+/// `BEGIN IMMEDIATE` makes the others wait (up to `DB_TIMEOUT`) and then
+/// find everything applied. Each migration runs in a savepoint inside it.
+async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::migrate!("./migrations/sqlite").run(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 fn product_from(row: &SqliteRow) -> Result<Product, sqlx::Error> {

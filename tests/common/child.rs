@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 /// that only what a test passes applies.
 const SETTINGS: &[&str] = &[
     "DATABASE_URL",
+    "DATABASE_READ_URL",
+    "DATABASE_READ_MAX_LAG",
     "REDIS_URL",
     "REDIS_TLS_CA_FILE",
     "REDIS_KEY_PREFIX",
@@ -43,6 +45,7 @@ const SETTINGS: &[&str] = &[
     "ORDER_RATE_LIMIT",
     "CORS_ALLOWED_ORIGINS",
     "CATALOG_MAX_AGE",
+    "CATALOG_CACHE_TTL",
     "METRICS_TOKEN",
     "GRAPHIQL",
     "RUST_LOG",
@@ -72,14 +75,7 @@ impl ChildServer {
     pub async fn start(env: &[(&str, String)]) -> ChildServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let stderr = dir.path().join("stderr.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopgraph"));
-        for var in SETTINGS {
-            cmd.env_remove(var);
-        }
-        cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("RUST_LOG", "info").env("METRICS_TOKEN", super::METRICS_TOKEN);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = command(Command::new(BIN), env);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -97,16 +93,25 @@ impl ChildServer {
                 }
             }
         });
+        // owned (and so killed on drop) before the first await: a start
+        // dropped half-way, by a panic or a sibling failing in a `join!`,
+        // leaves no server behind
+        let mut server = ChildServer {
+            url: String::new(),
+            ws_url: String::new(),
+            http: reqwest::Client::new(),
+            pid,
+            child: Some(child),
+            stderr,
+            _dir: dir,
+        };
         let url = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
             .await
             .expect("reader thread")
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the child did not print `listening on`; stderr:\n{}", read(&stderr))
-            });
-        let ws_url = format!("{}/graphql", url.replacen("http://", "ws://", 1));
-        ChildServer { url, ws_url, http: reqwest::Client::new(), pid, child: Some(child), stderr, _dir: dir }
+            .unwrap_or_else(|_| panic!("the child did not print `listening on`; stderr:\n{}", server.logs()));
+        server.ws_url = format!("{}/graphql", url.replacen("http://", "ws://", 1));
+        server.url = url;
+        server
     }
 
     /// Everything the child wrote to stderr so far.
@@ -161,6 +166,47 @@ impl ChildServer {
     pub async fn metrics(&self) -> String {
         let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(super::METRICS_TOKEN);
         req.send().await.unwrap().text().await.unwrap()
+    }
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_shopgraph");
+
+/// `cmd` with every setting cleared from the inherited environment, then
+/// `LISTEN_ADDR=127.0.0.1:0`, `RUST_LOG=info`, the test `METRICS_TOKEN`,
+/// and `env` on top.
+pub fn command(mut cmd: Command, env: &[(&str, String)]) -> Command {
+    for var in SETTINGS {
+        cmd.env_remove(var);
+    }
+    cmd.env("LISTEN_ADDR", "127.0.0.1:0").env("RUST_LOG", "info").env("METRICS_TOKEN", super::METRICS_TOKEN);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// What a run of the binary that is expected to stop by itself left.
+pub struct Exit {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` and the settings of [`command`] until it
+/// exits; panics if it is still running after 20 s (it accepted what it
+/// should have refused, and is serving).
+pub async fn run_to_exit(args: &[&str], env: &[(&str, String)]) -> Exit {
+    let mut cmd = tokio::process::Command::from(command(Command::new(BIN), env));
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("`shopgraph {}` was still running after 20 s", args.join(" ")))
+        .expect("the shopgraph binary runs");
+    Exit {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
