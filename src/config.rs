@@ -358,6 +358,9 @@ impl ConfigArgs {
         }
         if let Some(v) = self.order_ttl {
             c.order_ttl = duration("ORDER_TTL", &v)?;
+            if c.order_ttl > MAX_ORDER_TTL {
+                return Err(bad("ORDER_TTL", format!("{} is too long (at most 30 days)", v.trim())));
+            }
         }
         if let Some(v) = self.sweep_interval {
             c.sweep_interval = duration("SWEEP_INTERVAL", &v)?;
@@ -468,6 +471,11 @@ impl ConfigArgs {
         Ok(c)
     }
 }
+
+/// The longest `ORDER_TTL`: an order holds its stock that long at most,
+/// and every deadline computed from it stays far inside the range of the
+/// database's timestamps and Redis's `PEXPIREAT`.
+pub const MAX_ORDER_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// `REDIS_TLS_CA_FILE`: a readable PEM bundle, for a `rediss://` URL.
 fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, ConfigError> {
@@ -602,6 +610,17 @@ mod tests {
         assert!(junk.reason.contains("no PEM certificate"), "{junk}");
         let missing = args("rediss://127.0.0.1:6380/0", &dir.path().join("nope.pem")).into_config().unwrap_err();
         assert!(missing.reason.contains("cannot read"), "{missing}");
+    }
+
+    #[test]
+    fn an_order_ttl_over_thirty_days_is_refused_naming_the_bound() {
+        let args = |v: &str| ConfigArgs { order_ttl: Some(v.into()), ..Default::default() };
+        assert_eq!(args("30days").into_config().unwrap().order_ttl, MAX_ORDER_TTL);
+        for huge in ["31days", "100years", "18446744073709551615s"] {
+            let err = args(huge).into_config().unwrap_err();
+            assert_eq!(err.var, "ORDER_TTL", "{huge}");
+            assert!(err.reason.contains("at most 30 days") || err.reason.contains("invalid duration"), "{err}");
+        }
     }
 
     #[test]

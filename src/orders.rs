@@ -40,7 +40,8 @@ impl Orders {
             Identity::Anonymous => return Err(ShopError::Unauthenticated("sign in to place an order")),
         };
         let now = Utc::now();
-        let expires_at = now + chrono::Duration::from_std(self.ttl).expect("ttl fits");
+        let expires_at =
+            now + chrono::Duration::from_std(self.ttl).expect("ORDER_TTL is at most 30 days (config::MAX_ORDER_TTL)");
         let started = std::time::Instant::now();
         let placed = match self.store.place_order(customer, &request, now, expires_at, self.pending).await {
             Ok(placed) => placed,

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::child::ChildServer;
+use common::child::{self, ChildServer};
 
 /// The settings every server here runs with: a fresh SQLite file in `dir`,
 /// the tests' Redis under a prefix of its own.
@@ -38,4 +38,16 @@ async fn three_servers_started_at_once_on_one_fresh_sqlite_file_all_become_ready
         ready(server).await;
         assert!(!server.logs().contains("migration failed"), "{}", server.logs());
     }
+}
+
+/// An `ORDER_TTL` past 30 days stops the start with one line naming the
+/// variable and the bound, instead of panicking in every `createOrder`.
+#[tokio::test]
+async fn an_order_ttl_over_thirty_days_stops_the_start_naming_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = settings(&dir).await;
+    env.push(("ORDER_TTL", "100years".into()));
+    let exit = child::run_to_exit(&["serve"], &env).await;
+    assert_eq!(exit.status.code(), Some(2), "{}", exit.stderr);
+    assert_eq!(exit.stderr.trim(), "error: ORDER_TTL: 100years is too long (at most 30 days)");
 }
