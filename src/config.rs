@@ -154,113 +154,131 @@ impl Default for Config {
 }
 
 /// Flags of `shopgraph serve`; each also read from its environment variable.
+// Every value arrives as text and is parsed by `into_config`. A
+// `default_value` is what help shows and what an unset flag and variable
+// mean: the value of `Config::default` (a test keeps the two equal).
+// Settings whose absence means something else say so in their help instead.
 #[derive(Args, Debug, Default, Clone)]
 pub struct ConfigArgs {
-    #[arg(long, env = "DATABASE_URL")]
+    /// `sqlite://…` (created and migrated on start) or `postgres://…` (libpq's sslmode and sslrootcert apply).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://shopgraph.db", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// A PostgreSQL replica that serves the public catalog (`products`, `product`).
+    /// A PostgreSQL replica that serves the public catalog (`products`, `product`). Unset: no replica.
     #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true)]
     pub database_read_url: Option<String>,
-    /// Replay lag past which catalog reads go back to the primary [default: 5s].
-    #[arg(long, env = "DATABASE_READ_MAX_LAG")]
+    /// Replay lag past which catalog reads go back to the primary.
+    #[arg(long, env = "DATABASE_READ_MAX_LAG", default_value = "5s")]
     pub database_read_max_lag: Option<String>,
-    #[arg(long, env = "REDIS_URL")]
+    /// The Redis whose key expiry drives cancellation (its db index is honoured). Unset: redis://127.0.0.1:6379/0, or a private redis-server when nothing answers there.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-    /// A PEM file of CA certificates trusted for rediss:// (beside the system's roots).
+    /// A PEM file of CA certificates trusted for rediss:// (beside the system's roots). Unset: the system's roots.
     #[arg(long, env = "REDIS_TLS_CA_FILE")]
     pub redis_tls_ca_file: Option<String>,
-    #[arg(long, env = "REDIS_KEY_PREFIX")]
+    /// The start of every Redis key and channel this server uses.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "shopgraph:")]
     pub redis_key_prefix: Option<String>,
-    #[arg(long, env = "LISTEN_ADDR")]
+    /// HOST:PORT to listen on (a host name is resolved; port 0 picks a free port).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8000")]
     pub listen_addr: Option<String>,
-    #[arg(long, env = "ORDER_TTL")]
+    /// How long an order may stay unpaid (500ms, 2s, 30m, 1h; at most 30 days).
+    #[arg(long, env = "ORDER_TTL", default_value = "30m")]
     pub order_ttl: Option<String>,
-    #[arg(long, env = "SWEEP_INTERVAL")]
+    /// How often the safety-net sweep cancels overdue orders that no expiry event reached.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "30s")]
     pub sweep_interval: Option<String>,
+    /// The admin bearer token (at least 8 characters). Unset: admin operations are refused.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The HS256 key of customer tokens (at least 16 characters); share it between instances. Unset: a random key per process.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// How long customer tokens stay valid.
-    #[arg(long, env = "JWT_LIFETIME")]
+    #[arg(long, env = "JWT_LIFETIME", default_value = "24h")]
     pub jwt_lifetime: Option<String>,
-    #[arg(long, env = "DB_MAX_CONNECTIONS")]
+    /// Database pool size.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value = "8")]
     pub db_max_connections: Option<String>,
-    #[arg(long, env = "DB_TIMEOUT")]
+    /// How long a request waits for a database connection (INTERNAL after).
+    #[arg(long, env = "DB_TIMEOUT", default_value = "5s")]
     pub db_timeout: Option<String>,
     /// How often the deadline index is polled for due orders.
-    #[arg(long, env = "NUDGE_INTERVAL")]
+    #[arg(long, env = "NUDGE_INTERVAL", default_value = "20ms")]
     pub nudge_interval: Option<String>,
-    #[arg(long, env = "WS_MAX_CONNECTIONS")]
+    /// Websockets per process (over it: closed with 1013).
+    #[arg(long, env = "WS_MAX_CONNECTIONS", default_value = "20000")]
     pub ws_max_connections: Option<String>,
-    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS")]
+    /// Subscriptions per websocket (over it: RATE_LIMITED).
+    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value = "100")]
     pub ws_max_subscriptions: Option<String>,
-    #[arg(long, env = "WS_INIT_TIMEOUT")]
+    /// Time a websocket has to send connection_init (closed with 4408 after).
+    #[arg(long, env = "WS_INIT_TIMEOUT", default_value = "10s")]
     pub ws_init_timeout: Option<String>,
-    #[arg(long, env = "WS_KEEPALIVE")]
+    /// Interval of the keep-alive messages on every websocket.
+    #[arg(long, env = "WS_KEEPALIVE", default_value = "15s")]
     pub ws_keepalive: Option<String>,
     /// How long one HTTP request may take (408 after).
-    #[arg(long, env = "REQUEST_TIMEOUT")]
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: Option<String>,
-    /// `true` or `false`.
-    #[arg(long, env = "INTROSPECTION")]
+    /// `false` turns schema introspection off.
+    #[arg(long, env = "INTROSPECTION", default_value = "true")]
     pub introspection: Option<String>,
-    #[arg(long, env = "DEMO_DIR")]
+    /// Where the built demo is served from (/demo/).
+    #[arg(long, env = "DEMO_DIR", default_value = "frontend-demo/dist")]
     pub demo_dir: Option<String>,
     /// Logins and registrations per client address per minute.
-    #[arg(long, env = "AUTH_RATE_LIMIT")]
+    #[arg(long, env = "AUTH_RATE_LIMIT", default_value = "30")]
     pub auth_rate_limit: Option<String>,
     /// `human` or `json`.
-    #[arg(long, env = "LOG_FORMAT")]
+    #[arg(long, env = "LOG_FORMAT", default_value = "human")]
     pub log_format: Option<String>,
     /// How long a client may take to send a request head (closed after).
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT")]
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s")]
     pub http_header_timeout: Option<String>,
     /// How long an HTTP keep-alive connection may stay idle (closed after).
-    #[arg(long, env = "HTTP_IDLE_TIMEOUT")]
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT", default_value = "60s")]
     pub http_idle_timeout: Option<String>,
-    /// Open connections per process (default: what the file-descriptor limit allows).
+    /// Open connections per process. Unset: what the file-descriptor limit allows.
     #[arg(long, env = "MAX_CONNECTIONS")]
     pub max_connections: Option<String>,
     /// Open connections (HTTP and websocket) per client address.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_IP")]
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value = "256")]
     pub max_connections_per_ip: Option<String>,
-    /// Websockets per client address (default: WS_MAX_CONNECTIONS / 4, at most 64).
+    /// Websockets per client address. Unset: WS_MAX_CONNECTIONS / 4, at most 64.
     #[arg(long, env = "WS_MAX_CONNECTIONS_PER_IP")]
     pub ws_max_connections_per_ip: Option<String>,
     /// How long an anonymous websocket may run no operation (closed with 4408 after).
-    #[arg(long, env = "WS_ANONYMOUS_IDLE_TIMEOUT")]
+    #[arg(long, env = "WS_ANONYMOUS_IDLE_TIMEOUT", default_value = "30s")]
     pub ws_anonymous_idle_timeout: Option<String>,
-    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` names the client.
+    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` names the client. Unset: the header is ignored.
     #[arg(long, env = "TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
     /// Logins per account (email) per minute, shared by all instances.
-    #[arg(long, env = "LOGIN_RATE_LIMIT_PER_ACCOUNT")]
+    #[arg(long, env = "LOGIN_RATE_LIMIT_PER_ACCOUNT", default_value = "10")]
     pub login_rate_limit_per_account: Option<String>,
     /// Unpaid orders one customer may hold at once.
-    #[arg(long, env = "MAX_PENDING_ORDERS")]
+    #[arg(long, env = "MAX_PENDING_ORDERS", default_value = "10")]
     pub max_pending_orders: Option<String>,
     /// Units (sum of quantities) one customer's unpaid orders may hold at once.
-    #[arg(long, env = "MAX_PENDING_UNITS")]
+    #[arg(long, env = "MAX_PENDING_UNITS", default_value = "1000")]
     pub max_pending_units: Option<String>,
     /// createOrder calls per customer per minute, shared by all instances.
-    #[arg(long, env = "ORDER_RATE_LIMIT")]
+    #[arg(long, env = "ORDER_RATE_LIMIT", default_value = "60")]
     pub order_rate_limit: Option<String>,
-    /// Origins whose pages may call /graphql: comma-separated (https://shop.example.com) or `*`.
+    /// Origins whose pages may call /graphql: comma-separated (https://shop.example.com) or `*`. Unset: no cross-origin access.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
     pub cors_allowed_origins: Option<String>,
-    /// How long shared caches may keep anonymous catalog responses (e.g. 5s).
-    #[arg(long, env = "CATALOG_MAX_AGE")]
+    /// How long shared caches may keep anonymous catalog responses.
+    #[arg(long, env = "CATALOG_MAX_AGE", default_value = "5s")]
     pub catalog_max_age: Option<String>,
-    /// How long the server reuses its own answer to an anonymous catalog request; `0s` turns it off
-    /// [default: 1s]. Writes through the same instance show at once.
-    #[arg(long, env = "CATALOG_CACHE_TTL")]
+    /// How long the server reuses its own answer to an anonymous catalog request (at most 60s; `0s` turns it off). Writes through the same instance show at once.
+    #[arg(long, env = "CATALOG_CACHE_TTL", default_value = "1s")]
     pub catalog_cache_ttl: Option<String>,
-    /// Bearer token that `/metrics` requires (at least 16 characters); unset: `/metrics` answers 404.
+    /// Bearer token that `/metrics` requires (at least 16 characters). Unset: `/metrics` answers 404.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
     /// `false` stops serving GraphiQL (`/graphiql` and `/` answer 404).
-    #[arg(long, env = "GRAPHIQL")]
+    #[arg(long, env = "GRAPHIQL", default_value = "true")]
     pub graphiql: Option<String>,
 }
 
@@ -621,6 +639,22 @@ mod tests {
             assert_eq!(err.var, "ORDER_TTL", "{huge}");
             assert!(err.reason.contains("at most 30 days") || err.reason.contains("invalid duration"), "{err}");
         }
+    }
+
+    /// What help shows as each flag's default is what an unset setting means.
+    #[test]
+    fn the_defaults_help_shows_are_the_config_defaults() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: ConfigArgs,
+        }
+        // the variables of the test's own environment must not count
+        let command = <Cli as clap::CommandFactory>::command().mut_args(|a| a.env(None::<&str>));
+        let matches = command.try_get_matches_from(["shopgraph"]).unwrap();
+        let parsed = Cli::from_arg_matches(&matches).unwrap().config.into_config().unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
     }
 
     #[test]

@@ -9,8 +9,19 @@ use shopgraph::{
     telemetry,
 };
 
+// Flags belong to the command they configure: `shopgraph serve --order-ttl 2s`,
+// or `shopgraph --order-ttl 2s` for the default `serve`. Flags before a
+// subcommand (`shopgraph --order-ttl 2s serve`) are refused rather than
+// parsed and then ignored. (Not a doc comment: clap would show it as help.)
 #[derive(Parser)]
-#[command(name = "shopgraph", version, about = "A GraphQL commerce API whose unpaid orders cancel themselves")]
+#[command(
+    name = "shopgraph",
+    version,
+    about = "A GraphQL commerce API whose unpaid orders cancel themselves",
+    args_conflicts_with_subcommands = true,
+    after_help = "Flags go after the command (`shopgraph serve --order-ttl 2s`), or stand alone for serve \
+                  (`shopgraph --order-ttl 2s`); each is also read from its environment variable."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -40,6 +40,62 @@ async fn three_servers_started_at_once_on_one_fresh_sqlite_file_all_become_ready
     }
 }
 
+/// Flags before the subcommand are refused, saying which; after it, or
+/// with no subcommand (`serve` is the default), they apply.
+#[tokio::test]
+async fn a_flag_before_the_subcommand_is_refused_and_after_it_applies() {
+    let before = child::run_to_exit(&["--order-ttl", "abc", "serve"], &[]).await;
+    assert!(!before.status.success(), "{}", before.stderr);
+    assert!(
+        before.stderr.contains("the subcommand 'serve' cannot be used with '--order-ttl <ORDER_TTL>'"),
+        "{}",
+        before.stderr
+    );
+    let valid_before = child::run_to_exit(&["--order-ttl", "2s", "migrate"], &[]).await;
+    assert!(valid_before.stderr.contains("cannot be used with '--order-ttl"), "{}", valid_before.stderr);
+    for args in [&["serve", "--order-ttl", "abc"][..], &["--order-ttl", "abc"]] {
+        let after = child::run_to_exit(args, &[]).await;
+        assert_eq!(after.status.code(), Some(2), "{args:?}: {}", after.stderr);
+        assert!(after.stderr.contains("ORDER_TTL: invalid duration \"abc\""), "{args:?}: {}", after.stderr);
+    }
+}
+
+/// `shopgraph serve --help` explains every flag, names its variable and
+/// shows its default (or says what leaving it unset means).
+#[tokio::test]
+async fn every_flag_has_help_its_variable_and_its_default() {
+    let help = child::run_to_exit(&["serve", "--help"], &[]).await;
+    assert!(help.status.success(), "{}", help.stderr);
+    let text = help.stdout;
+    // one block per flag: its `--name <VALUE>` line and the lines under it
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    let mut in_options = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line == "Options:" {
+            in_options = true;
+        } else if line.starts_with("-h, --help") {
+            break;
+        } else if in_options && line.starts_with("--") {
+            blocks.push(vec![line]);
+        } else if let Some(block) = blocks.last_mut() {
+            block.push(line);
+        }
+    }
+    assert!(blocks.len() > 30 && blocks.len() == text.matches("[env: ").count(), "{text}");
+    for block in &blocks {
+        let flag = block[0].split_whitespace().next().unwrap();
+        // help text: after `--name <VALUE>` on its line, or a line that is not `[env: …]`, `[default: …]`
+        let same_line = block[0].split_once('>').map(|(_, rest)| rest.trim()).unwrap_or_default();
+        let described = !same_line.is_empty() || block[1..].iter().any(|l| !l.starts_with('['));
+        let block = block.join(" ");
+        assert!(described, "{flag} has no help text:\n{block}");
+        assert!(block.contains("[env: "), "{flag} names no variable:\n{block}");
+        assert!(block.contains("[default: ") || block.contains("Unset:"), "{flag} shows no default:\n{block}");
+    }
+    assert!(text.contains("--order-ttl <ORDER_TTL>"), "{text}");
+    assert!(text.contains("[default: 30m]"), "{text}");
+}
+
 /// An `ORDER_TTL` past 30 days stops the start with one line naming the
 /// variable and the bound, instead of panicking in every `createOrder`.
 #[tokio::test]
