@@ -46,8 +46,17 @@ pub fn metrics_handle() -> PrometheusHandle {
                 "shopgraph_expiry_listener_reconnects_total",
                 "shopgraph_expiry_hash_write_failures_total",
                 "shopgraph_event_relay_failures_total",
+                "shopgraph_outbox_unreadable_rows_total",
             ] {
                 counter!(name).increment(0);
+            }
+            for (reason, source) in CANCELLATIONS {
+                counter!("shopgraph_orders_cancelled_total", "reason" => reason.as_db(), "source" => source.as_str())
+                    .increment(0);
+            }
+            for source in [CancelSource::Listener, CancelSource::Sweep, CancelSource::Customer, CancelSource::Admin] {
+                // registered without a sample: rendered with every bucket at zero
+                let _ = histogram!("shopgraph_expiry_lag_seconds", "source" => source.as_str());
             }
             gauge!("shopgraph_expiry_listener_up").increment(0.0);
             gauge!("shopgraph_websocket_connections").increment(0.0);
@@ -67,6 +76,18 @@ pub fn order_created(latency: Duration) {
 pub fn order_paid(source: &'static str) {
     counter!("shopgraph_orders_paid_total", "source" => source).increment(1);
 }
+
+/// Every (reason, source) a cancellation can be counted with: a pending
+/// order cancelled after its deadline is `EXPIRED` whoever asked, so the
+/// customer and the admin can cancel with two reasons each.
+const CANCELLATIONS: [(CancelReason, CancelSource); 6] = [
+    (CancelReason::Expired, CancelSource::Listener),
+    (CancelReason::Expired, CancelSource::Sweep),
+    (CancelReason::Customer, CancelSource::Customer),
+    (CancelReason::Expired, CancelSource::Customer),
+    (CancelReason::Admin, CancelSource::Admin),
+    (CancelReason::Expired, CancelSource::Admin),
+];
 
 /// One cancellation; `lag` (cancellation − deadline) for expiries.
 pub fn order_cancelled(reason: CancelReason, source: CancelSource, lag: Option<Duration>) {
@@ -95,6 +116,11 @@ pub fn listener_reconnected() {
 
 pub fn outbox_backlog(n: i64) {
     gauge!("shopgraph_outbox_backlog").set(n as f64);
+}
+
+/// An outbox row whose payload is not an event (counted each time it is read).
+pub fn outbox_row_unreadable() {
+    counter!("shopgraph_outbox_unreadable_rows_total").increment(1);
 }
 
 pub fn relay_failed() {

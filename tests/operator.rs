@@ -107,3 +107,52 @@ async fn an_order_ttl_over_thirty_days_stops_the_start_naming_the_bound() {
     assert_eq!(exit.status.code(), Some(2), "{}", exit.stderr);
     assert_eq!(exit.stderr.trim(), "error: ORDER_TTL: 100years is too long (at most 30 days)");
 }
+
+/// The counters and the histogram alerts watch are on a fresh server's
+/// `/metrics` at zero, before anything happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_exports_cancellations_and_the_expiry_lag_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&settings(&dir).await).await;
+    let m = server.metrics().await;
+    for series in [
+        "shopgraph_orders_cancelled_total{reason=\"EXPIRED\",source=\"listener\"}",
+        "shopgraph_orders_cancelled_total{reason=\"EXPIRED\",source=\"sweep\"}",
+        "shopgraph_orders_cancelled_total{reason=\"CUSTOMER\",source=\"customer\"}",
+        "shopgraph_orders_cancelled_total{reason=\"ADMIN\",source=\"admin\"}",
+        "shopgraph_expiry_lag_seconds_count{source=\"listener\"}",
+        "shopgraph_expiry_lag_seconds_count{source=\"sweep\"}",
+        "shopgraph_expiry_lag_seconds_bucket{source=\"listener\",le=\"1\"}",
+        "shopgraph_outbox_unreadable_rows_total",
+    ] {
+        assert_eq!(child::metric(&m, series), Some(0.0), "{series} is not there at zero:\n{m}");
+    }
+}
+
+/// An outbox row that is not an event is said at WARN with its id and
+/// counted, not dropped without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_row_is_logged_with_its_id_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = settings(&dir).await;
+    let server = ChildServer::start(&env).await;
+    let pool = sqlx::SqlitePool::connect(&env[0].1).await.unwrap();
+    // older than the relay's grace period, so its next poll claims it
+    let created = chrono::Utc::now().timestamp_millis() - 10_000;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (order_id, payload, created_at) VALUES (1, '{\"id\":', ?1) RETURNING id",
+    )
+    .bind(created)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let logs = common::eventually(Duration::from_secs(10), || async {
+        let logs = server.logs();
+        logs.contains(&format!("outbox row {id} is not an order event")).then_some(logs)
+    })
+    .await;
+    let line = logs.lines().find(|l| l.contains("is not an order event")).unwrap();
+    assert!(line.contains("WARN") && line.contains(&format!("outbox_id={id}")), "{line}");
+    let m = server.metrics().await;
+    assert!(child::metric(&m, "shopgraph_outbox_unreadable_rows_total").unwrap_or(0.0) >= 1.0, "{m}");
+}

@@ -289,12 +289,18 @@ pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(i64, crate::domain:
     }
 }
 
-/// Outbox rows `(id, payload)` as events, oldest first.
+/// Outbox rows `(id, payload)` as events, oldest first. A row that does
+/// not parse cannot be published or replayed: it is left where it is, said
+/// at WARN with its id and counted, each time it is read.
 pub(crate) fn events_from(rows: impl Iterator<Item = (i64, String)>) -> Vec<OrderEvent> {
     let mut events: Vec<OrderEvent> = rows
-        .filter_map(|(event_id, payload)| {
-            let order = serde_json::from_str::<Order>(&payload).ok()?;
-            Some(OrderEvent { event_id, order })
+        .filter_map(|(event_id, payload)| match serde_json::from_str::<Order>(&payload) {
+            Ok(order) => Some(OrderEvent { event_id, order }),
+            Err(e) => {
+                tracing::warn!(outbox_id = event_id, error = %e, "outbox row {event_id} is not an order event; skipped");
+                crate::telemetry::outbox_row_unreadable();
+                None
+            }
         })
         .collect();
     events.sort_by_key(|e| e.event_id);
