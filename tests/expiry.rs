@@ -177,8 +177,7 @@ async fn paying_after_the_deadline_fails_even_before_any_cancellation_ran() {
 /// every order once, and every event reaches subscribers once Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_loses_no_cancellation_and_no_event() {
-    if common::postgres_url().is_none() {
-        eprintln!("skipped: TEST_DATABASE_URL is not set");
+    if common::skip_without_postgres() {
         return;
     }
     let mut redis = PrivateRedis::start(&[]).await;
@@ -244,8 +243,7 @@ async fn killing_the_listener_connection_repeatedly_misses_nothing_and_doubles_n
 /// cancelled once, with one event each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_cancel_each_expired_order_exactly_once() {
-    if common::postgres_url().is_none() {
-        eprintln!("skipped: TEST_DATABASE_URL is not set");
+    if common::skip_without_postgres() {
         return;
     }
     let app = common::spawn_app_with(Backend::Postgres, |c| {

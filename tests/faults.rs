@@ -100,14 +100,6 @@ fn held_by_paid(orders: &[Value]) -> HashMap<String, i64> {
     held
 }
 
-fn skip_without_postgres() -> bool {
-    if common::postgres_url().is_none() {
-        eprintln!("skipped: TEST_DATABASE_URL is not set");
-        return true;
-    }
-    false
-}
-
 /// The database stops with orders pending and comes back after their
 /// deadlines. Meanwhile requests fail fast with `INTERNAL`, `/readyz` says
 /// the database is down; once it is back, the sweep cancels every overdue
@@ -115,7 +107,7 @@ fn skip_without_postgres() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_fails_requests_fast_and_loses_no_expiry() {
     let Some(mut pg) = PrivatePostgres::start().await else {
-        eprintln!("skipped: needs root and the PostgreSQL 15 binaries for a private cluster");
+        common::skipped("needs root and the PostgreSQL 15 binaries for a private cluster");
         return;
     };
     let db_timeout = Duration::from_secs(1);
@@ -193,7 +185,7 @@ async fn a_database_outage_fails_requests_fast_and_loses_no_expiry() {
 /// with exactly one event each, and all the stock comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
-    if skip_without_postgres() {
+    if common::skip_without_postgres() {
         return;
     }
     let db = common::fresh_db(Backend::Postgres).await;
@@ -331,7 +323,7 @@ async fn flushall_with_orders_pending_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushall_with_orders_pending_postgres() {
-    if skip_without_postgres() {
+    if common::skip_without_postgres() {
         return;
     }
     flushall_with_orders_pending(Backend::Postgres).await;
@@ -355,7 +347,7 @@ struct Tally {
 /// duration of the traffic (default 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn soak_two_instances_mixed_traffic_keeps_every_invariant() {
-    if skip_without_postgres() {
+    if common::skip_without_postgres() {
         return;
     }
     let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);

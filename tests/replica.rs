@@ -49,7 +49,7 @@ async fn replica_becomes(app: &TestApp, state: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalog_reads_from_the_replica_and_falls_back_to_the_primary() {
     let Some(primary) = PrivatePostgres::start().await else {
-        eprintln!("skipped: needs root and the PostgreSQL 15 binaries for a private cluster");
+        common::skipped("needs root and the PostgreSQL 15 binaries for a private cluster");
         return;
     };
     // the primary must be migrated before the copy is taken: the replica is read-only

@@ -386,7 +386,7 @@ impl Drop for Nginx {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_nginx_repeated_catalog_gets_are_served_from_its_cache_until_max_age() {
     let Some(bin) = Nginx::binary() else {
-        eprintln!("skipped: nginx is not installed (apt-get install nginx-light); .ci/run installs it");
+        common::skipped("nginx is not installed (apt-get install nginx-light); .ci/run installs it");
         return;
     };
     let dir = tempfile::tempdir().unwrap();

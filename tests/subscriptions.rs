@@ -45,8 +45,7 @@ macro_rules! on_sqlite_and_postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if crate::common::postgres_url().is_none() {
-                        eprintln!("skipped: TEST_DATABASE_URL is not set, so the Postgres suite does not run");
+                    if crate::common::skip_without_postgres() {
                         return;
                     }
                     super::$body(crate::common::Backend::Postgres).await;

@@ -193,7 +193,7 @@ async fn tls_postgres(certs: &Certs, name: &str) -> Option<PrivatePostgres> {
     let (cert, key) = (certs.read(&certs.cert(name)), certs.read(&certs.key(name)));
     let pg = PrivatePostgres::start_with_tls(ServerTls { cert_pem: &cert, key_pem: &key, tls_only: true }).await;
     if pg.is_none() {
-        eprintln!("skipped: private PostgreSQL clusters need root and the PostgreSQL 15 binaries");
+        common::skipped("private PostgreSQL clusters need root and the PostgreSQL 15 binaries");
     }
     pg
 }

@@ -26,15 +26,72 @@ pub enum Backend {
     Postgres,
 }
 
-/// A database for one test: kept alive (SQLite temp dir) by holding this.
+/// A database for one test, removed when this drops (when the test ends,
+/// passed or failed): the SQLite file's temp dir, or the Postgres database.
 pub struct TestDb {
     pub url: String,
     _dir: Option<tempfile::TempDir>,
+    /// The Postgres database to drop, on the server at `TEST_DATABASE_URL`.
+    pg_name: Option<String>,
 }
 
-/// The Postgres server for tests, or `None` (the test is skipped).
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (Some(name), Some(base)) = (self.pg_name.take(), postgres_url()) else { return };
+        // Drop is synchronous and may run inside the test's runtime: a
+        // thread of its own with its own runtime does the async work.
+        // FORCE ends the connections a server under test still holds.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                use sqlx::Connection;
+                let work = async {
+                    let mut conn = sqlx::PgConnection::connect(&base).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&mut conn)
+                        .await
+                };
+                match tokio::time::timeout(Duration::from_secs(10), work).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("{name}: {e}")),
+                    Err(_) => Err(format!("{name}: timed out")),
+                }
+            })
+        })
+        .join();
+        if let Ok(Err(e)) | Err(e) = dropped.map_err(|_| "the dropping thread panicked".to_string()) {
+            say(&format!("could not drop the test database {e}"));
+        }
+    }
+}
+
+/// The Postgres server for tests, or `None`.
 pub fn postgres_url() -> Option<String> {
     std::env::var("TEST_DATABASE_URL").ok().filter(|s| !s.is_empty())
+}
+
+/// True (after saying so) when `TEST_DATABASE_URL` is unset: the calling
+/// Postgres test returns at once.
+pub fn skip_without_postgres() -> bool {
+    let skip = postgres_url().is_none();
+    if skip {
+        skipped("TEST_DATABASE_URL unset");
+    }
+    skip
+}
+
+/// Says that the running test is skipped, and why, with a `SKIPPED:` line
+/// on the process's stderr. The harness captures `eprintln!` of passing
+/// tests, so a skip said that way would read as a plain `ok`.
+pub fn skipped(why: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    say(&format!("SKIPPED: {test}: {why}"));
+}
+
+/// One line straight to stderr, past the harness's capture.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 pub async fn fresh_db(backend: Backend) -> TestDb {
@@ -42,7 +99,7 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
             let url = format!("sqlite://{}", dir.path().join("test.db").display());
-            TestDb { url, _dir: Some(dir) }
+            TestDb { url, _dir: Some(dir), pg_name: None }
         }
         Backend::Postgres => {
             let base = postgres_url().expect("TEST_DATABASE_URL");
@@ -55,7 +112,7 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
                 .expect("create test database");
             let mut url = url::Url::parse(&base).expect("TEST_DATABASE_URL is a URL");
             url.set_path(&name);
-            TestDb { url: url.to_string(), _dir: None }
+            TestDb { url: url.to_string(), _dir: None, pg_name: Some(name) }
         }
     }
 }
@@ -303,8 +360,8 @@ where
     }
 }
 
-/// Runs one test body against SQLite and Postgres (skipped, and said so,
-/// when `TEST_DATABASE_URL` is not set).
+/// Runs one test body against SQLite and Postgres (skipped, with a
+/// `SKIPPED:` line, when `TEST_DATABASE_URL` is not set).
 #[macro_export]
 macro_rules! both_stores {
     ($($name:ident => $body:expr;)+) => {
@@ -325,8 +382,7 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if common::postgres_url().is_none() {
-                        eprintln!("skipped: TEST_DATABASE_URL is not set, so the Postgres suite does not run");
+                    if common::skip_without_postgres() {
                         return;
                     }
                     let app = common::spawn_app(common::Backend::Postgres).await;

@@ -29,8 +29,7 @@ macro_rules! on_both_stores {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                if common::postgres_url().is_none() {
-                    eprintln!("skipped: TEST_DATABASE_URL is not set, so the Postgres suite does not run");
+                if common::skip_without_postgres() {
                     return;
                 }
                 let app = common::spawn_app_with(Backend::Postgres, $tweak).await;
