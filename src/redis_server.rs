@@ -1,10 +1,14 @@
 //! Finding Redis at start: `REDIS_URL`, else the default address, else a
 //! private `redis-server` child on a free port (no persistence), stopped
-//! with the process.
+//! with the process: when it drops its [`PrivateRedis`], and on Linux also
+//! when it is killed outright (SIGKILL, OOM), through `PR_SET_PDEATHSIG`.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{mpsc, OnceLock},
+    time::Duration,
+};
 
-use tokio::process::{Child, Command};
 use tracing::info;
 
 use crate::{
@@ -15,7 +19,14 @@ use crate::{
 /// A `redis-server` this process started; killed when dropped.
 pub struct PrivateRedis {
     pub url: String,
-    _child: Child,
+    child: Child,
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,23 +92,75 @@ pub async fn start_private() -> Result<PrivateRedis, RedisStartError> {
         .and_then(|l| l.local_addr())
         .map_err(|e| RedisStartError::Spawn(e.to_string()))?
         .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--notify-keyspace-events", "Ex"])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RedisStartError::NoServer,
-            _ => RedisStartError::Spawn(e.to_string()),
-        })?;
-    let url = format!("redis://127.0.0.1:{port}/0");
+        .stderr(Stdio::null());
+    let child = spawn_tied(cmd).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RedisStartError::NoServer,
+        _ => RedisStartError::Spawn(e.to_string()),
+    })?;
+    // dropped on the way out, so a server that never answers is stopped too
+    let private = PrivateRedis { url: format!("redis://127.0.0.1:{port}/0"), child };
     for _ in 0..100 {
-        if ping(&url).await.is_ok() {
-            return Ok(PrivateRedis { url, _child: child });
+        if ping(&private.url).await.is_ok() {
+            return Ok(private);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Err(RedisStartError::Spawn(format!("redis-server on port {port} did not answer")))
 }
+
+type SpawnJob = (Command, tokio::sync::oneshot::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` as a child that dies with this process. Linux sends the
+/// parent-death signal when the *thread* that forked the child ends, not
+/// the process, so every such child is forked by one thread that lives as
+/// long as the process (a runtime's worker or a test's thread may end
+/// first and would take the server with it).
+async fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
+    die_with_parent(&mut cmd);
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("the child-spawner thread starts");
+        tx
+    });
+    let (reply, spawned) = tokio::sync::oneshot::channel();
+    spawner.send((cmd, reply)).map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?;
+    spawned.await.map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?
+}
+
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure makes only async-signal-safe
+    // calls (prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // the parent died before prctl took effect: no signal will come
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere the child is stopped when [`PrivateRedis`] drops, not when
+/// this process is killed.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{process::Stdio, time::Duration};
 
 use common::child::{self, ChildServer};
 
@@ -155,4 +155,83 @@ async fn an_unreadable_outbox_row_is_logged_with_its_id_and_counted() {
     assert!(line.contains("WARN") && line.contains(&format!("outbox_id={id}")), "{line}");
     let m = server.metrics().await;
     assert!(child::metric(&m, "shopgraph_outbox_unreadable_rows_total").unwrap_or(0.0) >= 1.0, "{m}");
+}
+
+/// The private `redis-server` shopgraph starts when no Redis answers is
+/// killed with it, even by SIGKILL (no drop, no shutdown runs). The server
+/// runs in a network namespace of its own, where nothing answers on
+/// 127.0.0.1:6379, so it has to start one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_redis_server_does_not_outlive_a_sigkilled_shopgraph() {
+    let isolated = std::process::Command::new("unshare")
+        .args(["--net", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !isolated {
+        common::skipped("needs `unshare --net` (root) for a network namespace without Redis");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("shop.db").display());
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--net", "sh", "-c", "ip link set lo up && exec \"$0\" serve", child::BIN]);
+    let mut shopgraph = child::command(cmd, &[("DATABASE_URL", db)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stop = KillOnDrop(vec![shopgraph.id()]);
+    let stdout = shopgraph.stdout.take().unwrap();
+    let listening = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.starts_with("listening on "))
+    });
+    let listening = tokio::time::timeout(Duration::from_secs(30), listening).await;
+    let redis = children(shopgraph.id(), "redis-server");
+    let _cleanup = KillOnDrop(redis.clone());
+    assert!(matches!(listening, Ok(Ok(true))), "shopgraph did not start in its namespace");
+    assert_eq!(redis.len(), 1, "shopgraph started no private redis-server");
+    shopgraph.kill().unwrap();
+    shopgraph.wait().unwrap();
+    common::eventually(Duration::from_secs(5), || async { (!alive(redis[0])).then_some(()) }).await;
+}
+
+/// Processes whose parent is `parent` and whose command is `name`.
+fn children(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // `pid (comm) state ppid …`; comm may hold spaces, so split after its `)`
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if comm == name && ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Running (a zombie waiting to be reaped has stopped running).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned)))
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Kills what a failed test would otherwise leave running.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if alive(*pid) {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+    }
 }
