@@ -43,8 +43,11 @@ macro_rules! opaque_id {
 
         impl $name {
             pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+                // one spelling per id: the digits as Display writes them (no leading zeros)
                 raw.strip_prefix(concat!($prefix, "_"))
-                    .filter(|n| !n.is_empty() && n.len() <= 18 && n.bytes().all(|b| b.is_ascii_digit()))
+                    .filter(|n| {
+                        !n.is_empty() && n.len() <= 18 && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit())
+                    })
                     .and_then(|n| n.parse::<i64>().ok())
                     .filter(|n| *n > 0)
                     .map($name)
@@ -246,11 +249,14 @@ impl OrderStatus {
             OrderStatus::Cancelled => "CANCELLED",
         }
     }
-    pub fn from_db(s: &str) -> Self {
+    /// `None` for text that is no status: a row that says something else
+    /// is an error to report, never an order pending payment.
+    pub fn from_db(s: &str) -> Option<Self> {
         match s {
-            "PAID" => OrderStatus::Paid,
-            "CANCELLED" => OrderStatus::Cancelled,
-            _ => OrderStatus::PendingPayment,
+            "PENDING_PAYMENT" => Some(OrderStatus::PendingPayment),
+            "PAID" => Some(OrderStatus::Paid),
+            "CANCELLED" => Some(OrderStatus::Cancelled),
+            _ => None,
         }
     }
     pub fn is_final(self) -> bool {
@@ -392,8 +398,19 @@ mod tests {
     fn ids_round_trip_and_reject_garbage() {
         assert_eq!(OrderId::parse("ord_42").unwrap(), OrderId(42));
         assert_eq!(OrderId(42).to_string(), "ord_42");
-        for bad in ["", "ord_", "ord_-1", "ord_0", "prd_1", "ord_1x", "ord_99999999999999999999", "ord_ 1"] {
+        for bad in ["", "ord_", "ord_-1", "ord_0", "prd_1", "ord_1x", "ord_99999999999999999999", "ord_ 1", "ord_01"] {
             assert!(OrderId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(ProductId::parse("prd_007").is_err());
+    }
+
+    #[test]
+    fn statuses_round_trip_and_unknown_text_is_no_status() {
+        for s in [OrderStatus::PendingPayment, OrderStatus::Paid, OrderStatus::Cancelled] {
+            assert_eq!(OrderStatus::from_db(s.as_db()), Some(s));
+        }
+        for bad in ["", "pending_payment", "REFUNDED", "PAID "] {
+            assert_eq!(OrderStatus::from_db(bad), None, "{bad:?}");
         }
     }
 

@@ -301,6 +301,38 @@ both_stores! {
         assert_eq!(placed, 25);
         assert_eq!(app.stock(&a).await, 0);
     };
+
+    an_id_has_one_spelling_so_a_leading_zero_is_malformed => |app: TestApp| async move {
+        let (token, _) = app.customer().await;
+        let p = app.create_product("ZERO-1", 100, 5).await;
+        let o = app.order_id(&token, &[(&p, 1)]).await;
+        let zeroed = |id: &str| id.replacen('_', "_0", 1);
+        let order = "query($id: ID!) { order(id: $id) { id } }";
+        assert_eq!(app.data(Some(&token), order, json!({"id": o})).await["order"]["id"], o.as_str());
+        assert_eq!(code(&app.gql(Some(&token), order, json!({"id": zeroed(&o)})).await), "BAD_USER_INPUT");
+        assert_eq!(code(&app.pay(&token, &zeroed(&o)).await), "BAD_USER_INPUT");
+        assert_eq!(app.order(&token, &o).await["status"], "PENDING_PAYMENT");
+        let product = "query($id: ID!) { product(id: $id) { id } }";
+        assert_eq!(code(&app.gql(None, product, json!({"id": zeroed(&p)})).await), "BAD_USER_INPUT");
+    };
+}
+
+/// A row whose status the server does not know (written around the
+/// schema's CHECK, by hand or by another version) is an `INTERNAL` error,
+/// never shown as an order pending payment.
+#[tokio::test]
+async fn an_order_with_an_unknown_status_is_an_internal_error_not_pending_payment() {
+    use sqlx::Connection;
+    let app = common::spawn_app(common::Backend::Sqlite).await;
+    let (token, _) = app.customer().await;
+    let p = app.create_product("ODD-1", 100, 5).await;
+    let o = app.order_id(&token, &[(&p, 1)]).await;
+    let mut db = sqlx::SqliteConnection::connect(&app.config.database_url).await.unwrap();
+    sqlx::query("PRAGMA ignore_check_constraints = ON").execute(&mut db).await.unwrap();
+    sqlx::query("UPDATE orders SET status = 'REFUNDED'").execute(&mut db).await.unwrap();
+    let v = app.gql(Some(&token), "query($id: ID!) { order(id: $id) { id status } }", json!({"id": o})).await;
+    assert_eq!(code(&v), "INTERNAL", "{v}");
+    assert!(!v.to_string().contains("REFUNDED"), "{v}");
 }
 
 mod http {

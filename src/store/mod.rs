@@ -278,6 +278,21 @@ pub(crate) fn cancel_refused(order: Option<Order>) -> CancelOutcome {
     }
 }
 
+/// The `status` column as a status. Other text (a row written by something
+/// else) is an error, reported as `INTERNAL`, never read as pending.
+pub(crate) fn status_from(raw: &str) -> Result<OrderStatus, sqlx::Error> {
+    OrderStatus::from_db(raw).ok_or_else(|| undecodable("status", raw))
+}
+
+/// The `cancel_reason` column: NULL is no reason, other unknown text an error.
+pub(crate) fn reason_from(raw: Option<&str>) -> Result<Option<CancelReason>, sqlx::Error> {
+    raw.map(|r| CancelReason::from_db(r).ok_or_else(|| undecodable("cancel_reason", r))).transpose()
+}
+
+fn undecodable(column: &str, raw: &str) -> sqlx::Error {
+    sqlx::Error::ColumnDecode { index: column.into(), source: format!("unknown value {raw:?}").into() }
+}
+
 /// Gives each order its lines, from `(order id, line)` pairs.
 pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(i64, crate::domain::OrderLine)>) {
     let mut by_order: std::collections::HashMap<i64, Vec<crate::domain::OrderLine>> = Default::default();

@@ -126,7 +126,7 @@ fn order_from(row: &PgRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
         id: OrderId(row.try_get("id")?),
         customer_id: CustomerId(row.try_get("customer_id")?),
-        status: OrderStatus::from_db(row.try_get("status")?),
+        status: super::status_from(row.try_get("status")?)?,
         lines: Vec::new(),
         total_cents: row.try_get("total_cents")?,
         currency: row.try_get("currency")?,
@@ -134,7 +134,7 @@ fn order_from(row: &PgRow) -> Result<Order, sqlx::Error> {
         expires_at: row.try_get("expires_at")?,
         paid_at: row.try_get("paid_at")?,
         cancelled_at: row.try_get("cancelled_at")?,
-        cancel_reason: reason.as_deref().and_then(CancelReason::from_db),
+        cancel_reason: super::reason_from(reason.as_deref())?,
     })
 }
 

@@ -15,8 +15,8 @@ use sqlx::{
 };
 
 use super::{
-    attach_lines, cancel_refused, events_from, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch, Owner,
-    PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
+    attach_lines, cancel_refused, events_from, fingerprint, pay_refused, reason_from, status_from, visible,
+    CancelOutcome, ExpiredBatch, Owner, PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
 };
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
@@ -98,7 +98,7 @@ fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
     Ok(Order {
         id: OrderId(row.try_get("id")?),
         customer_id: CustomerId(row.try_get("customer_id")?),
-        status: OrderStatus::from_db(&status),
+        status: status_from(&status)?,
         lines: Vec::new(),
         total_cents: row.try_get("total_cents")?,
         currency: row.try_get("currency")?,
@@ -106,7 +106,7 @@ fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
         expires_at: time(row.try_get("expires_at")?),
         paid_at: row.try_get::<Option<i64>, _>("paid_at")?.map(time),
         cancelled_at: row.try_get::<Option<i64>, _>("cancelled_at")?.map(time),
-        cancel_reason: reason.as_deref().and_then(CancelReason::from_db),
+        cancel_reason: reason_from(reason.as_deref())?,
     })
 }
 
