@@ -4,7 +4,11 @@
 //! parsed here, so an invalid value stops the start with one line naming the
 //! variable instead of a clap usage dump.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::Args;
 
@@ -370,9 +374,7 @@ impl ConfigArgs {
             c.redis_key_prefix = p;
         }
         if let Some(a) = self.listen_addr {
-            c.listen_addr = a.trim().parse().map_err(|_| {
-                bad("LISTEN_ADDR", format!("invalid address {a:?} (expected HOST:PORT, e.g. 127.0.0.1:8000)"))
-            })?;
+            c.listen_addr = listen_addr(&a)?;
         }
         if let Some(v) = self.order_ttl {
             c.order_ttl = duration("ORDER_TTL", &v)?;
@@ -494,6 +496,24 @@ impl ConfigArgs {
 /// and every deadline computed from it stays far inside the range of the
 /// database's timestamps and Redis's `PEXPIREAT`.
 pub const MAX_ORDER_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `LISTEN_ADDR`: `IP:PORT`, or `HOST:PORT` with the host name resolved
+/// (`localhost:8000`); the first address the resolver gives is used.
+fn listen_addr(raw: &str) -> Result<SocketAddr, ConfigError> {
+    let raw = raw.trim();
+    if let Ok(addr) = raw.parse() {
+        return Ok(addr);
+    }
+    let invalid = |why: &str| {
+        bad("LISTEN_ADDR", format!("invalid address {raw:?}{why} (expected HOST:PORT, e.g. 127.0.0.1:8000)"))
+    };
+    match raw.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(invalid("")),
+    }
+    let mut addrs = raw.to_socket_addrs().map_err(|e| invalid(&format!(": {e}")))?;
+    addrs.next().ok_or_else(|| invalid(": the host name has no address"))
+}
 
 /// `REDIS_TLS_CA_FILE`: a readable PEM bundle, for a `rediss://` URL.
 fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, ConfigError> {
@@ -638,6 +658,18 @@ mod tests {
             let err = args(huge).into_config().unwrap_err();
             assert_eq!(err.var, "ORDER_TTL", "{huge}");
             assert!(err.reason.contains("at most 30 days") || err.reason.contains("invalid duration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses_take_ips_and_host_names() {
+        let addr = |v: &str| ConfigArgs { listen_addr: Some(v.into()), ..Default::default() }.into_config();
+        assert_eq!(addr("0.0.0.0:80").unwrap().listen_addr, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(addr("[::1]:0").unwrap().listen_addr, "[::1]:0".parse().unwrap());
+        let local = addr("localhost:8000").unwrap().listen_addr;
+        assert!(local.ip().is_loopback() && local.port() == 8000, "{local}");
+        for bad in ["localhost", "localhost:http", ":8000", "127.0.0.1:99999"] {
+            assert_eq!(addr(bad).unwrap_err().var, "LISTEN_ADDR", "{bad}");
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashSet,
+    io::IsTerminal,
     sync::{Mutex, OnceLock},
     time::Duration,
 };
@@ -17,11 +18,14 @@ use crate::{
 };
 
 /// Installs the global tracing subscriber (once; later calls are ignored).
+/// Human logs are coloured only on a terminal: a file, pipe or journal
+/// gets plain text, without escape sequences.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let ansi = std::io::stderr().is_terminal();
     let _ = match format {
         LogFormat::Json => fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init(),
-        LogFormat::Human => fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init(),
+        LogFormat::Human => fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).try_init(),
     };
 }
 

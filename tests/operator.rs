@@ -157,6 +157,27 @@ async fn an_unreadable_outbox_row_is_logged_with_its_id_and_counted() {
     assert!(child::metric(&m, "shopgraph_outbox_unreadable_rows_total").unwrap_or(0.0) >= 1.0, "{m}");
 }
 
+/// `LISTEN_ADDR` takes a host name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_address_with_a_host_name_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = settings(&dir).await;
+    env.push(("LISTEN_ADDR", "localhost:0".into()));
+    let server = ChildServer::start(&env).await;
+    let res = server.http.get(format!("{}/healthz", server.url)).send().await.unwrap();
+    assert!(res.status().is_success(), "{}", server.url);
+}
+
+/// Logs written to a file (stderr is not a terminal) carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_escape_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&settings(&dir).await).await;
+    let logs = server.logs();
+    assert!(logs.contains("shopgraph built"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "ANSI escapes in a log file:\n{logs:?}");
+}
+
 /// The private `redis-server` shopgraph starts when no Redis answers is
 /// killed with it, even by SIGKILL (no drop, no shutdown runs). The server
 /// runs in a network namespace of its own, where nothing answers on
