@@ -178,7 +178,6 @@ pub fn db_pool(in_use: u32, idle: u32) {
     gauge!("shopgraph_db_pool_connections", "state" => "idle").set(idle as f64);
 }
 
-/// A response refused because its body would pass the response-size cap.
 /// An anonymous catalog request answered from the server's own cache
 /// (it executed nothing, so `shopgraph_graphql_request_duration_seconds`
 /// does not see it).
@@ -186,6 +185,7 @@ pub fn catalog_cache_hit() {
     counter!("shopgraph_catalog_cache_hits_total").increment(1);
 }
 
+/// A response refused because its body would pass the response-size cap.
 pub fn response_too_large() {
     counter!("shopgraph_graphql_responses_too_large_total").increment(1);
 }
