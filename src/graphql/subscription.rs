@@ -1,15 +1,14 @@
 //! `Subscription`: filtered views of the process's event broadcast.
 //!
 //! A subscriber that falls behind the broadcast buffer is never left to miss
-//! events silently: `orderCancelled` ends with an error saying so, and
-//! `orderUpdated` reads a fresh snapshot from the database.
+//! events silently: `orderCancelled` ends with [`ShopError::FellBehind`],
+//! and `orderUpdated` reads a fresh snapshot from the database.
 
 use async_graphql::{Context, Subscription as GqlSubscription, ID};
 use futures_util::{stream, Stream};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
-    errors::coded,
     identity, services,
     types::{OrderCancelledEvent, OrderNode},
 };
@@ -60,13 +59,7 @@ impl Subscription {
                         }
                     }
                     Ok(Fanout::Resync) => {}
-                    Err(RecvError::Lagged(n)) => {
-                        let err = coded(
-                                format!("this subscription fell {n} events behind and was stopped; subscribe again and re-read your orders"),
-                                super::errors::INTERNAL,
-                            );
-                        return Some((Err(err), None));
-                    }
+                    Err(RecvError::Lagged(n)) => return Some((Err(ShopError::FellBehind(n).into()), None)),
                     Err(RecvError::Closed) => return None,
                 }
             }
