@@ -2,6 +2,7 @@
 //! exactly one contract code; nothing else decides codes.
 
 use crate::{
+    auth::SignInRequired,
     domain::{InvalidInput, OrderId, OrderStatus, ProductId},
     store::{PlaceError, StoreError},
 };
@@ -36,6 +37,12 @@ pub enum ShopError {
     TooManySubscriptions(usize),
     #[error("internal error")]
     Store(#[from] StoreError),
+}
+
+impl From<SignInRequired> for ShopError {
+    fn from(_: SignInRequired) -> Self {
+        ShopError::Unauthenticated("sign in to see your orders")
+    }
 }
 
 impl From<PlaceError> for ShopError {

@@ -14,7 +14,7 @@
 //!   of identical subscriptions (rendered once per event).
 //! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve.
 //! * [`cors`]: cross-origin access for browser storefronts (`CORS_ALLOWED_ORIGINS`).
-//! * [`auth`]: the admin token, customer JWTs, password hashing.
+//! * [`auth`]: the admin token, customer JWTs, password hashing, who may see an order ([`auth::Viewer`]).
 //! * [`graphql`]: schema types and resolvers; the one place errors get codes.
 //! * [`orders`]: the rules of the contract (place, pay, cancel).
 //! * [`domain`]: parsed value types (ids, quantities, money, emails).

@@ -11,7 +11,7 @@ use async_graphql::{
 use futures_util::{stream::BoxStream, StreamExt};
 use tracing::error;
 
-use crate::{domain::InvalidInput, error::ShopError, store::StoreError};
+use crate::{auth::SignInRequired, domain::InvalidInput, error::ShopError, store::StoreError};
 
 pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
 pub const FORBIDDEN: &str = "FORBIDDEN";
@@ -73,6 +73,12 @@ fn store_error(e: &StoreError) -> async_graphql::Error {
 impl From<InvalidInput> for async_graphql::Error {
     fn from(e: InvalidInput) -> Self {
         ShopError::Invalid(e).into()
+    }
+}
+
+impl From<SignInRequired> for async_graphql::Error {
+    fn from(e: SignInRequired) -> Self {
+        ShopError::from(e).into()
     }
 }
 
