@@ -1,5 +1,6 @@
-//! Who is asking: the admin token, customer JWTs (HS256, `sub` + `exp`), and
-//! password hashing (argon2, off the async threads).
+//! Who is asking: the admin token, customer JWTs (HS256, `sub` + `exp`),
+//! password hashing (argon2, off the async threads), and the [`Viewer`] that
+//! decides who may see an order.
 
 use std::{
     sync::Arc,
@@ -14,7 +15,10 @@ use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, 
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::{config::Secret, domain::CustomerId};
+use crate::{
+    config::Secret,
+    domain::{CustomerId, Order},
+};
 
 /// The caller of one request or websocket connection, decided once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -25,15 +29,47 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// Whose orders this caller may see (`None`: all, for the admin).
-    pub fn owner_filter(self) -> Option<Option<CustomerId>> {
+    /// Who this caller is as a viewer of orders; anonymous callers see none.
+    pub fn viewer(self) -> Result<Viewer, SignInRequired> {
         match self {
-            Identity::Anonymous => None,
-            Identity::Customer(c) => Some(Some(c)),
-            Identity::Admin => Some(None),
+            Identity::Anonymous => Err(SignInRequired),
+            Identity::Customer(c) => Ok(Viewer::Customer(c)),
+            Identity::Admin => Ok(Viewer::Admin),
         }
     }
 }
+
+/// A caller who may see orders: the one rule of who sees which. An order a
+/// viewer may not see is reported exactly like one that does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Viewer {
+    /// Sees every order.
+    Admin,
+    /// Sees its own orders.
+    Customer(CustomerId),
+}
+
+impl Viewer {
+    pub fn may_see(self, order: &Order) -> bool {
+        match self {
+            Viewer::Admin => true,
+            Viewer::Customer(c) => order.customer_id == c,
+        }
+    }
+
+    /// The customer a query for this viewer's orders is limited to (`None`: all).
+    pub fn owner(self) -> Option<CustomerId> {
+        match self {
+            Viewer::Admin => None,
+            Viewer::Customer(c) => Some(c),
+        }
+    }
+}
+
+/// An anonymous caller asked about orders.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("sign in to see your orders")]
+pub struct SignInRequired;
 
 /// An identity and when its credential stops being valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +192,7 @@ fn hash_password_blocking(password: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{OrderId, OrderStatus};
 
     fn auth() -> Arc<Auth> {
         Auth::new(Some(Secret("admin-secret".into())), b"0123456789abcdef0123", Duration::from_secs(60))
@@ -185,5 +222,30 @@ mod tests {
         assert!(lifetime <= Duration::from_secs(60) && lifetime > Duration::from_secs(58), "{lifetime:?}");
         assert_eq!(a.authenticate_session(Some("Bearer admin-secret")).unwrap().expires_at, None);
         assert_eq!(a.authenticate_session(None).unwrap().expires_at, None);
+    }
+
+    #[test]
+    fn the_admin_sees_every_order_a_customer_its_own_and_anonymous_callers_none() {
+        let order = |customer| Order {
+            id: OrderId(1),
+            customer_id: CustomerId(customer),
+            status: OrderStatus::PendingPayment,
+            lines: Vec::new(),
+            total_cents: 0,
+            currency: "USD".into(),
+            created_at: chrono::Utc::now(),
+            expires_at: chrono::Utc::now(),
+            paid_at: None,
+            cancelled_at: None,
+            cancel_reason: None,
+        };
+        let (mine, theirs) = (order(1), order(2));
+        let admin = Identity::Admin.viewer().unwrap();
+        assert!(admin.may_see(&mine) && admin.may_see(&theirs));
+        assert_eq!(admin.owner(), None);
+        let customer = Identity::Customer(CustomerId(1)).viewer().unwrap();
+        assert!(customer.may_see(&mine) && !customer.may_see(&theirs));
+        assert_eq!(customer.owner(), Some(CustomerId(1)));
+        assert_eq!(Identity::Anonymous.viewer(), Err(SignInRequired));
     }
 }

@@ -2,6 +2,7 @@
 //! exactly one contract code; nothing else decides codes.
 
 use crate::{
+    auth::SignInRequired,
     domain::{InvalidInput, OrderId, OrderStatus, ProductId},
     store::{PlaceError, StoreError},
 };
@@ -27,8 +28,21 @@ pub enum ShopError {
     /// Over a rate or holding limit; the refusal says how long to wait.
     #[error("{}", .0.message)]
     RateLimited(crate::ratelimit::Refusal),
+    /// A subscriber read its events too slowly and was stopped (events it
+    /// missed are gone, so it is told instead of being left to miss them).
+    #[error("this subscription fell {0} events behind and was stopped; subscribe again and re-read your orders")]
+    FellBehind(u64),
+    /// A websocket connection runs as many operations as it may at once.
+    #[error("too many subscriptions on this connection (at most {0})")]
+    TooManySubscriptions(usize),
     #[error("internal error")]
     Store(#[from] StoreError),
+}
+
+impl From<SignInRequired> for ShopError {
+    fn from(_: SignInRequired) -> Self {
+        ShopError::Unauthenticated("sign in to see your orders")
+    }
 }
 
 impl From<PlaceError> for ShopError {

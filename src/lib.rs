@@ -9,11 +9,12 @@
 //! * [`app`]: builds the whole service from a config; tests use the same builder.
 //! * [`serve`]: the HTTP/1.1 accept loop, header and idle timeouts.
 //! * [`connlimit`]: open connections per client address and per process.
-//! * [`http`] and [`ws`]: the axum router and the GraphQL websocket protocols.
+//! * [`http`]: the axum router.
+//! * [`ws`]: GraphQL over websocket: the session loop, the two protocols' parser, shared executions
+//!   of identical subscriptions (rendered once per event).
 //! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve.
 //! * [`cors`]: cross-origin access for browser storefronts (`CORS_ALLOWED_ORIGINS`).
-//! * [`shared_subscriptions`]: one execution per identical subscription, rendered once per event.
-//! * [`auth`]: the admin token, customer JWTs, password hashing.
+//! * [`auth`]: the admin token, customer JWTs, password hashing, who may see an order ([`auth::Viewer`]).
 //! * [`graphql`]: schema types and resolvers; the one place errors get codes.
 //! * [`orders`]: the rules of the contract (place, pay, cancel).
 //! * [`domain`]: parsed value types (ids, quantities, money, emails).
@@ -46,7 +47,6 @@ pub mod ratelimit;
 pub mod redis_client;
 pub mod redis_server;
 pub mod serve;
-pub mod shared_subscriptions;
 pub mod store;
 pub mod telemetry;
 pub mod ws;

@@ -66,7 +66,7 @@ impl Documents {
         let cached = self.0.lock().expect("document cache lock").get(query).map(|e| e.doc.clone());
         let doc = match cached {
             Some(doc) => doc,
-            None => parse_query(query).map_err(|e| errors::code_engine_error(e.into()))?,
+            None => parse_query(query).map_err(errors::parse_error)?,
         };
         let cost = cost::of_document(&doc, variables).map_err(refused)?;
         cost.check().map_err(refused)?;

@@ -5,14 +5,10 @@ use std::{net::IpAddr, sync::Arc};
 
 use async_graphql::{
     dataloader::DataLoader,
-    extensions::{
-        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextSubscribe,
-        NextValidation,
-    },
+    extensions::{Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest},
     parser::types::{ExecutableDocument, Selection, SelectionSet},
-    Context, Response, Schema, ServerError, ServerResult, ValidationResult, Variables,
+    Context, Response, Schema, ServerResult, Variables,
 };
-use futures_util::{stream::BoxStream, StreamExt};
 
 use crate::{
     auth::{Auth, Identity},
@@ -73,7 +69,7 @@ pub fn build(
 ) -> ShopSchema {
     let mut builder = Schema::build(Query, Mutation, Subscription)
         .data(services)
-        .extension(EngineErrorCodes)
+        .extension(errors::EngineErrorCodes)
         .extension(RequestMetrics)
         .extension(persisted)
         // before `documents`, which parses without calling further, so that it sees every document
@@ -90,49 +86,6 @@ pub fn sdl() -> String {
     // with `@specifiedBy` on DateTime, so codegen tools type it
     let options = async_graphql::SDLExportOptions::new().include_specified_by();
     Schema::build(Query, Mutation, Subscription).finish().sdl_with_options(options)
-}
-
-/// Gives the engine's own errors (syntax, validation, limits, and those it
-/// raises later: an unknown operation name, a missing or ill-typed variable)
-/// contract codes, over HTTP and websockets alike.
-struct EngineErrorCodes;
-
-fn code_response(mut response: Response) -> Response {
-    if !response.errors.is_empty() {
-        response.errors =
-            response.errors.into_iter().map(errors::code_engine_error).map(errors::clip_message).collect();
-    }
-    response
-}
-
-impl ExtensionFactory for EngineErrorCodes {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(EngineErrorCodes)
-    }
-}
-
-#[async_trait::async_trait]
-impl Extension for EngineErrorCodes {
-    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
-        code_response(next.run(ctx).await)
-    }
-
-    fn subscribe<'s>(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        stream: BoxStream<'s, Response>,
-        next: NextSubscribe<'_>,
-    ) -> BoxStream<'s, Response> {
-        next.run(ctx, stream).map(code_response).boxed()
-    }
-
-    async fn validation(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        next: NextValidation<'_>,
-    ) -> Result<ValidationResult, Vec<ServerError>> {
-        next.run(ctx).await.map_err(|errs| errs.into_iter().map(errors::code_engine_error).collect())
-    }
 }
 
 /// Times each query or mutation (over HTTP, each operation of a batch on

@@ -9,7 +9,6 @@ use super::{
 use crate::{
     auth::Identity,
     domain::{cursor, page_size, OrderId, OrderStatus, ProductId},
-    error::ShopError,
 };
 
 pub struct Query;
@@ -47,9 +46,9 @@ impl Query {
     /// One of your orders (admin: any); null when it does not exist or is not yours.
     async fn order(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<OrderNode>> {
         let id = OrderId::parse(&id)?;
-        let owner = identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))?;
+        let viewer = identity(ctx).viewer()?;
         let order = services(ctx).store.order(id).await?;
-        Ok(crate::store::visible(order, owner).map(OrderNode))
+        Ok(crate::store::visible(order, viewer).map(OrderNode))
     }
 
     /// Your orders (admin: all), newest first, optionally of one status.
@@ -60,10 +59,10 @@ impl Query {
         first: Option<i32>,
         after: Option<String>,
     ) -> async_graphql::Result<OrderConnection> {
-        let owner = identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to see your orders"))?;
+        let viewer = identity(ctx).viewer()?;
         let limit = page_size(first)?;
         let before = after.as_deref().map(cursor::decode).transpose()?;
-        let rows = services(ctx).store.list_orders(owner, status, before, limit + 1).await?;
+        let rows = services(ctx).store.list_orders(viewer, status, before, limit + 1).await?;
         let (edges, page_info) =
             page(rows, limit, before.is_some(), |o| o.id.0, |o, cursor| OrderEdge { node: OrderNode(o), cursor });
         Ok(OrderConnection { edges, page_info })

@@ -1,25 +1,31 @@
 //! `Subscription`: filtered views of the process's event broadcast.
 //!
 //! A subscriber that falls behind the broadcast buffer is never left to miss
-//! events silently: `orderCancelled` ends with an error saying so, and
-//! `orderUpdated` reads a fresh snapshot from the database.
+//! events silently: `orderCancelled` ends with [`ShopError::FellBehind`],
+//! and `orderUpdated` reads a fresh snapshot from the database.
 
 use async_graphql::{Context, Subscription as GqlSubscription, ID};
 use futures_util::{stream, Stream};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
-    errors::coded,
     identity, services,
     types::{OrderCancelledEvent, OrderNode},
 };
 use crate::{
+    auth::Viewer,
     domain::{Order, OrderId, OrderStatus},
     error::ShopError,
     events::Fanout,
+    store::visible,
 };
 
 pub struct Subscription;
+
+/// The subscriber as a viewer of orders; anonymous callers may not subscribe.
+fn subscriber(ctx: &Context<'_>) -> Result<Viewer, ShopError> {
+    identity(ctx).viewer().map_err(|_| ShopError::Unauthenticated("sign in to subscribe to your orders"))
+}
 
 #[GqlSubscription]
 impl Subscription {
@@ -29,17 +35,15 @@ impl Subscription {
         ctx: &Context<'_>,
         order_id: Option<ID>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderCancelledEvent>>> {
-        let owner =
-            identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let viewer = subscriber(ctx)?;
         let s = services(ctx).clone();
         // subscribe first, then check the order: a cancellation committed
         // between the two still reaches this subscription
-        let rx = s.events.subscribe(owner);
+        let rx = s.events.subscribe(viewer.owner());
         let only = match order_id {
             Some(raw) => {
                 let id = OrderId::parse(&raw)?;
-                let visible = s.store.order(id).await?.filter(|o| owner.is_none_or(|c| c == o.customer_id));
-                if visible.is_none() {
+                if visible(s.store.order(id).await?, viewer).is_none() {
                     return Err(ShopError::NotFound(format!("order {id}")).into());
                 }
                 Some(id)
@@ -52,21 +56,14 @@ impl Subscription {
                 match rx.recv().await {
                     Ok(Fanout::Event(e)) => {
                         let o = &e.order;
-                        let wanted = o.status == OrderStatus::Cancelled
-                            && owner.is_none_or(|c| c == o.customer_id)
-                            && only.is_none_or(|id| id == o.id);
+                        let wanted =
+                            o.status == OrderStatus::Cancelled && viewer.may_see(o) && only.is_none_or(|id| id == o.id);
                         if wanted {
                             return Some((Ok(OrderCancelledEvent(e)), Some(rx)));
                         }
                     }
                     Ok(Fanout::Resync) => {}
-                    Err(RecvError::Lagged(n)) => {
-                        let err = coded(
-                                format!("this subscription fell {n} events behind and was stopped; subscribe again and re-read your orders"),
-                                super::errors::INTERNAL,
-                            );
-                        return Some((Err(err), None));
-                    }
+                    Err(RecvError::Lagged(n)) => return Some((Err(ShopError::FellBehind(n).into()), None)),
                     Err(RecvError::Closed) => return None,
                 }
             }
@@ -80,18 +77,13 @@ impl Subscription {
         ctx: &Context<'_>,
         order_id: ID,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<OrderNode>>> {
-        let owner =
-            identity(ctx).owner_filter().ok_or(ShopError::Unauthenticated("sign in to subscribe to your orders"))?;
+        let viewer = subscriber(ctx)?;
         let id = OrderId::parse(&order_id)?;
         let s = services(ctx).clone();
         // subscribe first, then read: nothing can fall between the two
-        let rx = s.events.subscribe(owner);
-        let snapshot = s
-            .store
-            .order(id)
-            .await?
-            .filter(|o| owner.is_none_or(|c| c == o.customer_id))
-            .ok_or_else(|| ShopError::NotFound(format!("order {id}")))?;
+        let rx = s.events.subscribe(viewer.owner());
+        let snapshot =
+            visible(s.store.order(id).await?, viewer).ok_or_else(|| ShopError::NotFound(format!("order {id}")))?;
         struct State {
             rx: tokio::sync::broadcast::Receiver<Fanout>,
             first: Option<Order>,

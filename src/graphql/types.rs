@@ -10,7 +10,7 @@ use crate::{
     store::{Store, StoreError},
 };
 
-use super::services;
+use super::{errors, services};
 
 /// RFC 3339 with an offset, e.g. "2026-11-23T22:19:31.123Z".
 #[derive(Clone, Copy, Debug)]
@@ -81,7 +81,7 @@ pub struct OrderLineNode(pub OrderLine);
 #[Object(name = "OrderLine")]
 impl OrderLineNode {
     async fn product(&self, ctx: &Context<'_>) -> async_graphql::Result<ProductNode> {
-        let loaded = services(ctx).loader.load_one(self.0.product_id).await.map_err(|e| ShopError::Store(unwrap(e)))?;
+        let loaded = services(ctx).loader.load_one(self.0.product_id).await.map_err(errors::loader_error)?;
         loaded.map(ProductNode).ok_or_else(|| ShopError::NotFound(format!("product {}", self.0.product_id)).into())
     }
     async fn quantity(&self) -> i32 {
@@ -105,8 +105,7 @@ impl OrderNode {
         ID(self.0.id.to_string())
     }
     async fn customer(&self, ctx: &Context<'_>) -> async_graphql::Result<CustomerNode> {
-        let loaded =
-            services(ctx).loader.load_one(self.0.customer_id).await.map_err(|e| ShopError::Store(unwrap(e)))?;
+        let loaded = services(ctx).loader.load_one(self.0.customer_id).await.map_err(errors::loader_error)?;
         loaded.map(CustomerNode).ok_or_else(|| ShopError::NotFound(format!("customer {}", self.0.customer_id)).into())
     }
     async fn status(&self) -> OrderStatus {
@@ -223,10 +222,6 @@ pub fn page<T, E>(
 
 /// Batches product and customer reads of one moment into one query each.
 pub struct StoreLoader(pub Arc<dyn Store>);
-
-fn unwrap(e: Arc<StoreError>) -> StoreError {
-    Arc::try_unwrap(e).unwrap_or_else(|e| StoreError::Unavailable(sqlx::Error::Protocol(e.to_string())))
-}
 
 impl Loader<ProductId> for StoreLoader {
     type Value = Product;

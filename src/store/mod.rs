@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::auth::Viewer;
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderRequest, OrderStatus,
     Product, ProductId,
@@ -138,7 +139,6 @@ pub struct ExpiredBatch {
 }
 
 /// Whose orders a query may see: one customer's, or all (admin).
-pub type Owner = Option<CustomerId>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -192,19 +192,19 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first, before the given id; at most `limit` rows.
     async fn list_orders(
         &self,
-        owner: Owner,
+        viewer: Viewer,
         status: Option<OrderStatus>,
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<Order>, StoreError>;
 
     /// Pays a pending order whose deadline is after `now`.
-    async fn pay_order(&self, id: OrderId, owner: Owner, now: DateTime<Utc>) -> Result<PayOutcome, StoreError>;
+    async fn pay_order(&self, id: OrderId, viewer: Viewer, now: DateTime<Utc>) -> Result<PayOutcome, StoreError>;
     /// Cancels a pending order with `reason` (`EXPIRED` when its deadline passed).
     async fn cancel_order(
         &self,
         id: OrderId,
-        owner: Owner,
+        viewer: Viewer,
         reason: CancelReason,
         now: DateTime<Utc>,
     ) -> Result<CancelOutcome, StoreError>;
@@ -255,10 +255,10 @@ pub async fn connect(
     }
 }
 
-/// The order if `owner` may see it: an order that is not yours is reported
+/// The order if `viewer` may see it: an order that is not yours is reported
 /// exactly like one that does not exist.
-pub fn visible(order: Option<Order>, owner: Owner) -> Option<Order> {
-    order.filter(|o| owner.is_none_or(|c| c == o.customer_id))
+pub fn visible(order: Option<Order>, viewer: Viewer) -> Option<Order> {
+    order.filter(|o| viewer.may_see(o))
 }
 
 /// What a payment that changed no row means, given the order as it is.

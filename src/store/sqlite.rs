@@ -16,8 +16,9 @@ use sqlx::{
 
 use super::{
     attach_lines, cancel_refused, events_from, fingerprint, pay_refused, reason_from, status_from, visible,
-    CancelOutcome, ExpiredBatch, Owner, PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
+    CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
 };
+use crate::auth::Viewer;
 use crate::domain::{
     CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
     OrderStatus, Product, ProductId,
@@ -453,7 +454,7 @@ impl Store for SqliteStore {
 
     async fn list_orders(
         &self,
-        owner: Owner,
+        viewer: Viewer,
         status: Option<OrderStatus>,
         before: Option<i64>,
         limit: usize,
@@ -464,7 +465,7 @@ impl Store for SqliteStore {
              ORDER BY id DESC LIMIT ?4"
         )))
         .bind(before.unwrap_or(i64::MAX))
-        .bind(owner.map(|c| c.0))
+        .bind(viewer.owner().map(|c| c.0))
         .bind(status.map(|s| s.as_db()))
         .bind(limit as i64)
         .fetch_all(&self.reader)
@@ -473,7 +474,7 @@ impl Store for SqliteStore {
         Ok(with_lines(&self.reader, orders).await?)
     }
 
-    async fn pay_order(&self, id: OrderId, owner: Owner, now: DateTime<Utc>) -> Result<PayOutcome, StoreError> {
+    async fn pay_order(&self, id: OrderId, viewer: Viewer, now: DateTime<Utc>) -> Result<PayOutcome, StoreError> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE orders SET status = 'PAID', paid_at = ?3
@@ -481,13 +482,13 @@ impl Store for SqliteStore {
              RETURNING {ORDER_COLUMNS}"
         )))
         .bind(id.0)
-        .bind(owner.map(|c| c.0))
+        .bind(viewer.owner().map(|c| c.0))
         .bind(ms(now))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
             tx.rollback().await?;
-            return Ok(pay_refused(visible(self.order(id).await?, owner)));
+            return Ok(pay_refused(visible(self.order(id).await?, viewer)));
         };
         let orders = with_lines(&mut *tx, vec![order_from(&row)?]).await?;
         let mut events = record_events(&mut tx, orders).await?;
@@ -498,7 +499,7 @@ impl Store for SqliteStore {
     async fn cancel_order(
         &self,
         id: OrderId,
-        owner: Owner,
+        viewer: Viewer,
         reason: CancelReason,
         now: DateTime<Utc>,
     ) -> Result<CancelOutcome, StoreError> {
@@ -510,14 +511,14 @@ impl Store for SqliteStore {
              RETURNING {ORDER_COLUMNS}"
         )))
         .bind(id.0)
-        .bind(owner.map(|c| c.0))
+        .bind(viewer.owner().map(|c| c.0))
         .bind(ms(now))
         .bind(reason.as_db())
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             tx.rollback().await?;
-            return Ok(cancel_refused(visible(self.order(id).await?, owner)));
+            return Ok(cancel_refused(visible(self.order(id).await?, viewer)));
         }
         let mut events = finish_cancel(&mut tx, rows).await?;
         tx.commit().await?;

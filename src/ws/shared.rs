@@ -13,8 +13,9 @@
 //! their items are live events, so a member that joins a running hub gets
 //! exactly what a stream of its own would have given from that moment on.
 //! (`orderUpdated` starts with a snapshot, so each subscriber runs its own.)
-//! A member that falls more than the hub's buffer behind is ended with an
-//! error, as a subscriber of its own would be by the event broadcast.
+//! A member that falls more than the hub's buffer behind is ended with
+//! [`ShopError::FellBehind`], as a subscriber of its own would be by the
+//! event broadcast.
 
 use std::{
     collections::HashMap,
@@ -28,36 +29,16 @@ use async_graphql::{
     },
     Request, Response,
 };
-use futures_util::{stream::BoxStream, StreamExt};
+use futures_util::{
+    stream::{BoxStream, Map},
+    StreamExt,
+};
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::{auth::Identity, graphql::MAX_QUERY_BYTES};
-
-/// A response rendered once, as the JSON text the websocket protocols send.
-#[derive(Clone, Debug)]
-pub enum Frame {
-    /// The `payload` of a `next` (legacy: `data`) message.
-    Next(Arc<str>),
-    /// The operation failed and ends: the `errors` array, and its first
-    /// element (the legacy protocol's `error` payload is one error).
-    Error(Arc<(String, String)>),
-    /// The operation ended.
-    Complete,
-}
-
-impl Frame {
-    pub fn render(resp: &Response) -> Frame {
-        if resp.data == async_graphql::Value::Null && resp.is_err() {
-            let all = serde_json::to_string(&resp.errors).unwrap_or_else(|_| "[]".into());
-            let first =
-                resp.errors.first().and_then(|e| serde_json::to_string(e).ok()).unwrap_or_else(|| "null".into());
-            Frame::Error(Arc::new((all, first)))
-        } else {
-            Frame::Next(serde_json::to_string(resp).unwrap_or_else(|_| "null".into()).into())
-        }
-    }
-}
+use super::frame::Frame;
+use crate::{auth::Identity, error::ShopError, graphql::MAX_QUERY_BYTES};
 
 /// What a websocket needs to know about an operation before running it.
 pub struct Plan {
@@ -153,12 +134,24 @@ pub struct Hub {
 /// A subscriber's place in a hub: keep `hub` while reading `frames`.
 pub struct Member {
     pub hub: Arc<Hub>,
-    pub frames: broadcast::Receiver<Frame>,
+    pub frames: MemberFrames,
+}
+
+/// A member's frames as it reads them: falling behind ends it.
+pub type MemberFrames = Map<BroadcastStream<Frame>, fn(Result<Frame, BroadcastStreamRecvError>) -> Frame>;
+
+fn member_frames(frames: broadcast::Receiver<Frame>) -> MemberFrames {
+    fn or_fell_behind(item: Result<Frame, BroadcastStreamRecvError>) -> Frame {
+        item.unwrap_or_else(|BroadcastStreamRecvError::Lagged(n)| Frame::refusal(ShopError::FellBehind(n)))
+    }
+    BroadcastStream::new(frames).map(or_fell_behind as fn(_) -> _)
 }
 
 /// Frames a member may fall behind before it is ended. The admin sees every
 /// event, including expiry bursts of thousands per second; a customer's
-/// events come a few at a time (the same sizes as the event channels).
+/// events come a few at a time. The customer's buffer is as large as its
+/// event channel (64 events); the admin's is half the event broadcast
+/// ([`crate::events::BROADCAST_CAPACITY`], 16,384 events).
 const ADMIN_BUFFER: usize = 8192;
 const CUSTOMER_BUFFER: usize = 64;
 const NARROW_BUFFER: usize = 4;
@@ -172,7 +165,7 @@ impl Hubs {
         let key = plan.key.expect("a shareable plan");
         let mut registry = self.0.lock().expect("hub registry lock");
         if let Some(hub) = registry.get(&key).and_then(Weak::upgrade) {
-            return Member { frames: hub.frames.subscribe(), hub };
+            return Member { frames: member_frames(hub.frames.subscribe()), hub };
         }
         let capacity = match (key.narrow, key.viewer) {
             (true, _) => NARROW_BUFFER,
@@ -188,7 +181,7 @@ impl Hubs {
         });
         registry.insert(key, Arc::downgrade(&hub));
         tokio::spawn(run(start(), tx, hub.stop.clone(), Arc::downgrade(&hub), hub.registry.clone(), hub.key.clone()));
-        Member { hub, frames: rx }
+        Member { hub, frames: member_frames(rx) }
     }
 
     /// Shared executions running now.
@@ -310,5 +303,18 @@ mod tests {
         .unwrap();
         assert_ne!(a, v);
         assert!(v.narrow);
+    }
+
+    #[tokio::test]
+    async fn a_member_that_falls_behind_is_ended_with_an_error_saying_so() {
+        let (tx, rx) = broadcast::channel(1);
+        let mut frames = member_frames(rx);
+        for _ in 0..3 {
+            tx.send(Frame::Next("{}".into())).unwrap();
+        }
+        let Some(Frame::Error(e)) = frames.next().await else { panic!("an error first") };
+        let first: serde_json::Value = serde_json::from_str(&e.1).unwrap();
+        assert_eq!(first["extensions"]["code"], "INTERNAL", "{first}");
+        assert!(first["message"].as_str().unwrap().contains("fell 2 events behind"), "{first}");
     }
 }
