@@ -89,46 +89,37 @@ pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
         ),
         CREATE_COLUMNS,
     );
-    // the server's own cache on (its default), and off: every request executes
-    let modes: [(&str, Option<&str>); 2] = [("", None), ("uncached ", Some("0s"))];
     for target in &ctx.targets {
         for store in ctx.stores_for(target) {
-            for (mode, ttl) in modes {
-                let mut env = spec(store, "1h");
-                if let Some(ttl) = ttl {
-                    env.extra.push(("CATALOG_CACHE_TTL".into(), ttl.into()));
-                }
-                let dep = match deploy(ctx, target, &env).await {
-                    Ok(d) => d,
-                    Err(e) => {
-                        t.push_failed(&target.label, &label_case(store, mode.trim()), &format!("{e:#}"));
-                        continue;
-                    }
-                };
-                let res: Result<()> = async {
-                    let gql = Gql::new(ctx.http.clone(), &dep.http);
-                    let (bodies, tokens) =
-                        order_setup(&gql, &dep.admin, ctx.sizes.products, ctx.sizes.customers).await?;
-                    for &level in &ctx.sizes.levels {
-                        log(&format!("  createOrder c{level}"));
-                        let mut r = order_load(ctx, &dep, &gql, &bodies, &tokens, level).await;
-                        if let Some(e) = &r.first_error {
-                            log(&format!("  first error: {e}"));
-                        }
-                        t.push(
-                            &target.label,
-                            &label_case(store, &format!("{mode}c{level}")),
-                            load_cells(&mut r, store, dep.pid().is_some()),
-                        );
-                    }
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = &res {
+            let dep = match deploy(ctx, target, &spec(store, "1h")).await {
+                Ok(d) => d,
+                Err(e) => {
                     t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
+                    continue;
                 }
-                finish(ctx, dep, &res).await;
+            };
+            let res: Result<()> = async {
+                let gql = Gql::new(ctx.http.clone(), &dep.http);
+                let (bodies, tokens) = order_setup(&gql, &dep.admin, ctx.sizes.products, ctx.sizes.customers).await?;
+                for &level in &ctx.sizes.levels {
+                    log(&format!("  createOrder c{level}"));
+                    let mut r = order_load(ctx, &dep, &gql, &bodies, &tokens, level).await;
+                    if let Some(e) = &r.first_error {
+                        log(&format!("  first error: {e}"));
+                    }
+                    t.push(
+                        &target.label,
+                        &label_case(store, &format!("c{level}")),
+                        load_cells(&mut r, store, dep.pid().is_some()),
+                    );
+                }
+                Ok(())
             }
+            .await;
+            if let Err(e) = &res {
+                t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
+            }
+            finish(ctx, dep, &res).await;
         }
     }
     t.notes.push(format!(
@@ -154,44 +145,52 @@ pub async fn products(ctx: &Ctx) -> Vec<Table> {
         ],
     );
     const QUERY: &str = r#"{"query":"{ products(first: 20) { nodes { id sku name priceCents currency stock } pageInfo { hasNextPage endCursor } } }"}"#;
+    // the server's own cache on (its default), and off: every request executes
+    let modes: [(&str, Option<&str>); 2] = [("", None), ("uncached ", Some("0s"))];
     for target in &ctx.targets {
         for store in ctx.stores_for(target) {
-            let dep = match deploy(ctx, target, &spec(store, "1h")).await {
-                Ok(d) => d,
-                Err(e) => {
+            for (mode, ttl) in modes {
+                let mut env = spec(store, "1h");
+                if let Some(ttl) = ttl {
+                    env.extra.push(("CATALOG_CACHE_TTL".into(), ttl.into()));
+                }
+                let dep = match deploy(ctx, target, &env).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        t.push_failed(&target.label, &label_case(store, mode.trim()), &format!("{e:#}"));
+                        continue;
+                    }
+                };
+                let res: Result<()> = async {
+                    let gql = Gql::new(ctx.http.clone(), &dep.http);
+                    gql.create_products(&dep.admin, 100, 1000).await?;
+                    for &level in &ctx.sizes.levels {
+                        log(&format!("  products {mode}c{level}"));
+                        let g = gql.clone();
+                        let mut r = run_load(level, ctx.sizes.warmup, ctx.sizes.duration, &dep.watch(), move |_, _| {
+                            let g = g.clone();
+                            async move {
+                                let d = g.post_body(None, QUERY.to_string()).await?;
+                                let n = d.pointer("/products/nodes").and_then(|v| v.as_array()).map_or(0, Vec::len);
+                                anyhow::ensure!(n == 20, "expected 20 products, got {n}");
+                                Ok(())
+                            }
+                        })
+                        .await;
+                        t.push(
+                            &target.label,
+                            &label_case(store, &format!("{mode}c{level}")),
+                            load_cells(&mut r, store, dep.pid().is_some()),
+                        );
+                    }
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = &res {
                     t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
-                    continue;
                 }
-            };
-            let res: Result<()> = async {
-                let gql = Gql::new(ctx.http.clone(), &dep.http);
-                gql.create_products(&dep.admin, 100, 1000).await?;
-                for &level in &ctx.sizes.levels {
-                    log(&format!("  products c{level}"));
-                    let g = gql.clone();
-                    let mut r = run_load(level, ctx.sizes.warmup, ctx.sizes.duration, &dep.watch(), move |_, _| {
-                        let g = g.clone();
-                        async move {
-                            let d = g.post_body(None, QUERY.to_string()).await?;
-                            let n = d.pointer("/products/nodes").and_then(|v| v.as_array()).map_or(0, Vec::len);
-                            anyhow::ensure!(n == 20, "expected 20 products, got {n}");
-                            Ok(())
-                        }
-                    })
-                    .await;
-                    t.push(
-                        &target.label,
-                        &label_case(store, &format!("c{level}")),
-                        load_cells(&mut r, store, dep.pid().is_some()),
-                    );
-                }
-                Ok(())
+                finish(ctx, dep, &res).await;
             }
-            .await;
-            if let Err(e) = &res {
-                t.push_failed(&target.label, &label_case(store, ""), &format!("{e:#}"));
-            }
-            finish(ctx, dep, &res).await;
         }
     }
     vec![t]
