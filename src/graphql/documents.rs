@@ -33,6 +33,12 @@ use super::{
 /// judged within milliseconds).
 pub const MAX_QUERY_BYTES: usize = 32 * 1024;
 
+/// Bytes of one string in a request's variables. The longest input the
+/// schema accepts is a few hundred bytes (names, emails, passwords); a
+/// longer string can only be an attempt to make the engine copy it into
+/// every argument and error that names it.
+pub const MAX_VARIABLE_STRING_BYTES: usize = 8 * 1024;
+
 /// Distinct documents kept; past that the cache starts again (a client
 /// sending ever-new documents just gets no benefit).
 const CACHE_SIZE: usize = 256;
@@ -63,6 +69,7 @@ impl Documents {
                 query.len()
             )));
         }
+        check_variables(variables)?;
         let cached = self.0.lock().expect("document cache lock").get(query).map(|e| e.doc.clone());
         let doc = match cached {
             Some(doc) => doc,
@@ -104,6 +111,27 @@ impl Documents {
         if let Some(e) = self.0.lock().expect("document cache lock").get_mut(query) {
             e.validated = Some(result);
         }
+    }
+}
+
+/// Refuses a request whose variables hold a string longer than
+/// [`MAX_VARIABLE_STRING_BYTES`] (object keys included), before anything
+/// copies it.
+fn check_variables(variables: &Variables) -> ServerResult<()> {
+    fn longest(v: &async_graphql::Value) -> usize {
+        use async_graphql::Value;
+        match v {
+            Value::String(s) => s.len(),
+            Value::List(items) => items.iter().map(longest).max().unwrap_or(0),
+            Value::Object(fields) => fields.iter().map(|(k, v)| k.len().max(longest(v))).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    match variables.iter().find(|(_, v)| longest(v) > MAX_VARIABLE_STRING_BYTES) {
+        None => Ok(()),
+        Some((name, _)) => Err(errors::bad_document(format!(
+            "variable ${name} holds a string longer than {MAX_VARIABLE_STRING_BYTES} bytes; no input is that long"
+        ))),
     }
 }
 

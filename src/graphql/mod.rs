@@ -57,7 +57,7 @@ pub fn identity(ctx: &Context<'_>) -> Identity {
 }
 
 pub use cost::{MAX_ALIASES, MAX_COMPLEXITY, MAX_DEPTH, MAX_DIRECTIVES};
-pub use documents::{Documents, MAX_QUERY_BYTES};
+pub use documents::{Documents, MAX_QUERY_BYTES, MAX_VARIABLE_STRING_BYTES};
 
 /// The schema, its documents judged by `documents` before they run. With
 /// introspection off, error messages suggest no field names either.

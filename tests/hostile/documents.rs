@@ -193,6 +193,30 @@ async fn echoed_input_is_cut_short_in_every_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variable_longer_than_any_input_is_refused_whole_and_changes_nothing() {
+    let app = common::spawn_app(Backend::Sqlite).await;
+    let create = "mutation($name: String!) { createProduct(input: {sku: \"LONG-1\", name: $name, priceCents: 100, \
+                  currency: \"USD\", stock: 1}) { id } }";
+    let too_long = "n".repeat(shopgraph::graphql::MAX_VARIABLE_STRING_BYTES + 1);
+    let v = app.gql(Some(ADMIN), create, json!({"name": too_long})).await;
+    assert_eq!(code(&v), "BAD_USER_INPUT", "{v}");
+    assert!(message(&v).contains("$name"), "names the variable: {v}");
+    assert!(v.get("data").is_none_or(|d| d.is_null()), "nothing ran: {v}");
+    // nested in an input object or a list, too
+    let lines = json!({"lines": [{"productId": "x".repeat(9000), "quantity": 1}]});
+    let v = app
+        .gql(None, "mutation($lines: [OrderLineInput!]!) { createOrder(input: {lines: $lines}) { id } }", lines)
+        .await;
+    assert_eq!(code(&v), "BAD_USER_INPUT", "{v}");
+    let products = app.data(None, "{ products { nodes { id } } }", json!({})).await;
+    assert_eq!(products["products"]["nodes"].as_array().unwrap().len(), 0, "no product was created");
+    // at the bound it is judged as usual (here: too long for a product name)
+    let v = app.gql(Some(ADMIN), create, json!({"name": "n".repeat(8 * 1024)})).await;
+    assert_eq!(code(&v), "BAD_USER_INPUT", "{v}");
+    assert!(!message(&v).contains("$name"), "the name's own rule: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_introspection_errors_suggest_no_names() {
     let app = common::spawn_app_with(Backend::Sqlite, |c| c.introspection = false).await;
     for q in
