@@ -26,8 +26,10 @@ use crate::{
     http::{self, HttpState},
     orders::Orders,
     ratelimit::{LimitSettings, Limits},
-    redis_client::{self, TrustedCa},
-    redis_server::{self, PrivateRedis, RedisStartError},
+    redis::{
+        client::{self, TrustedCa},
+        server::{self, PrivateRedis, RedisStartError},
+    },
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
     telemetry,
@@ -76,8 +78,8 @@ impl App {
         let store = open_store(&config).await?;
         let ca =
             config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
-        let (redis_url, private_redis) = redis_server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
-        let client = redis_client::client(&redis_url, ca.as_ref())
+        let (redis_url, private_redis) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
+        let client = client::client(&redis_url, ca.as_ref())
             .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
         let db = client.get_connection_info().redis_settings().db();
         // Commands fail fast while Redis is away: an order is still placed

@@ -518,12 +518,12 @@ fn listen_addr(raw: &str) -> Result<SocketAddr, ConfigError> {
 /// `REDIS_TLS_CA_FILE`: a readable PEM bundle, for a `rediss://` URL.
 fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, ConfigError> {
     const VAR: &str = "REDIS_TLS_CA_FILE";
-    let Some(url) = redis_url.filter(|u| crate::redis_client::is_tls(u)) else {
+    let Some(url) = redis_url.filter(|u| crate::redis::client::is_tls(u)) else {
         return Err(bad(VAR, "is set, but REDIS_URL is not rediss://…: it only applies to Redis over TLS"));
     };
     let path = PathBuf::from(path);
-    let ca = crate::redis_client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
-    crate::redis_client::client(url, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    let ca = crate::redis::client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
+    crate::redis::client::client(url, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
     Ok(path)
 }
 

@@ -26,7 +26,7 @@ use super::{
     canary::{Arrival, CanaryInbox},
     Keys,
 };
-use crate::{domain::OrderId, orders::Orders, pubsub, telemetry};
+use crate::{domain::OrderId, orders::Orders, redis::subscription, telemetry};
 
 /// Whether the listener is subscribed now and whether expired-key events
 /// reach it; read by `/readyz` and the nudger.
@@ -118,7 +118,7 @@ struct Events {
 }
 
 #[async_trait]
-impl pubsub::Handler for Events {
+impl subscription::Handler for Events {
     async fn connected(&mut self, reconnected: bool) {
         ensure_notifications(&mut self.conn, &self.state).await;
         // this may be another server (a restart, a failover): ask again
@@ -201,7 +201,7 @@ impl Listener {
             ids: tx,
         };
         let channel = format!("__keyevent@{}__:expired", self.db);
-        pubsub::run(self.client, channel, "expiry listener", &mut events, shutdown).await;
+        subscription::run(self.client, channel, "expiry listener", &mut events, shutdown).await;
         self.state.up.store(false, Ordering::Relaxed);
     }
 }

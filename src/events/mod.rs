@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     domain::{CustomerId, OrderEvent},
-    pubsub,
+    redis::subscription,
     store::Store,
     telemetry,
 };
@@ -308,7 +308,7 @@ struct FanoutHandler {
 }
 
 #[async_trait]
-impl pubsub::Handler for FanoutHandler {
+impl subscription::Handler for FanoutHandler {
     async fn connected(&mut self, reconnected: bool) {
         self.bus.inner.fanout_up.store(true, Ordering::Relaxed);
         if reconnected {
@@ -369,7 +369,7 @@ pub async fn run_fanout(
     shutdown: CancellationToken,
 ) {
     let mut handler = FanoutHandler { bus, store, lost_at: None };
-    pubsub::run(client, channel, "event fan-out", &mut handler, shutdown).await;
+    subscription::run(client, channel, "event fan-out", &mut handler, shutdown).await;
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::{
     config::DEFAULT_REDIS_URL,
-    redis_client::{self, TrustedCa},
+    redis::client::{self, TrustedCa},
 };
 
 /// A `redis-server` this process started; killed when dropped.
@@ -47,7 +47,7 @@ pub async fn ping(url: &str) -> Result<(), String> {
 
 /// PINGs `url` within 2 s; over TLS trusting `ca` too.
 pub async fn ping_with(url: &str, ca: Option<&TrustedCa>) -> Result<(), String> {
-    let client = redis_client::client(url, ca).map_err(|e| e.to_string())?;
+    let client = client::client(url, ca).map_err(|e| e.to_string())?;
     let attempt = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
@@ -73,7 +73,7 @@ pub async fn resolve_with(
         return match ping_with(url, ca).await {
             Ok(()) => Ok((url.to_string(), None)),
             Err(e) => {
-                let reason = format!("{e}{}", redis_client::tls_hint(url, &e));
+                let reason = format!("{e}{}", client::tls_hint(url, &e));
                 Err(RedisStartError::Unreachable { url: crate::config::redact_url(url), reason })
             }
         };

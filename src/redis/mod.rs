@@ -1,0 +1,11 @@
+//! The Redis mechanism, apart from what the keys mean: how a connection is
+//! made ([`client`]: plain or TLS, the one constructor of `redis::Client`),
+//! a subscription that survives its connection ([`subscription`]), and the
+//! private `redis-server` started when none is reachable ([`server`]).
+//!
+//! What shopgraph keeps in Redis lives with its owners: expiry keys in
+//! [`crate::expiry::schedule`], event publishing in [`crate::events`].
+
+pub mod client;
+pub mod server;
+pub mod subscription;
