@@ -15,7 +15,7 @@ use crate::{
     auth::Auth,
     config::Config,
     connlimit::{self, AddrLimits},
-    events::{self, EventBus},
+    events::{fanout, outbox::Outbox, relay, EventBus},
     expiry::{
         canary::Canary,
         listener::{CancelQueue, Listener, ListenerState},
@@ -119,8 +119,9 @@ impl App {
         let listener_state = Arc::new(ListenerState::default());
         let sweep_now = Arc::new(Notify::new());
 
-        tracker.spawn(events::run_relay(relay_inbox, store.clone(), conn.clone(), keys.events(), shutdown.clone()));
-        tracker.spawn(events::run_fanout(bus.clone(), store.clone(), client.clone(), keys.events(), shutdown.clone()));
+        let outbox = Outbox::new(store.clone());
+        tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
+        tracker.spawn(fanout::run(bus.clone(), outbox, client.clone(), keys.events(), shutdown.clone()));
         let queue = CancelQueue::default();
         let fallback = Fallback { listener: listener_state.clone(), cancel: queue.sender() };
         tracker.spawn(Nudger::new(conn.clone(), keys.clone(), fallback).run(config.nudge_interval, shutdown.clone()));

@@ -2,18 +2,14 @@
 //! on every instance.
 //!
 //! * The transaction that changes an order writes an outbox row (its id is
-//!   the event id). The instance that committed hands the event to its relay
-//!   at once and delivers it to its own subscribers.
-//! * The relay `PUBLISH`es to `<prefix>events` and marks the rows published;
-//!   rows it could not publish (Redis away, or an instance died) are claimed
-//!   again by some relay after a grace period, until Redis takes them.
-//!   Published rows are kept for [`OUTBOX_RETENTION`], then pruned.
-//! * The fan-out is one Redis subscription per process feeding a tokio
-//!   broadcast that every GraphQL subscription filters. Event ids already
-//!   delivered are dropped, so a re-published event reaches nobody twice.
-//! * Redis drops messages for a subscription that is down, so a fan-out
-//!   that reconnects reads what it may have missed from the outbox (the
-//!   database is the truth) and tells subscriptions to re-read snapshots.
+//!   the event id; [`outbox`] holds the rules for reading those rows). The
+//!   instance that committed hands the event to the [`EventBus`], which
+//!   delivers it to its own subscribers at once and passes it to its
+//!   [`relay`], which publishes it to the other instances through Redis.
+//! * The [`fanout`] is one Redis subscription per process feeding the bus.
+//!   The bus drops event ids already delivered, so a re-published event
+//!   reaches nobody twice, and wakes only the subscriptions that may see an
+//!   event: the admin's, and the channel of the order's customer.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -21,22 +17,17 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
 };
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
-use crate::{
-    domain::{CustomerId, OrderEvent},
-    redis::subscription,
-    store::Store,
-    telemetry,
-};
+use crate::domain::{CustomerId, OrderEvent};
+
+pub mod fanout;
+pub mod outbox;
+pub mod relay;
+
+use relay::RelayInbox;
 
 /// What a GraphQL subscription receives.
 #[derive(Clone, Debug)]
@@ -52,18 +43,9 @@ pub enum Fanout {
 pub const BROADCAST_CAPACITY: usize = 16_384;
 /// Event ids remembered for de-duplication.
 const SEEN_CAPACITY: usize = 200_000;
-/// An outbox row this old was not published by its instance: claim it.
-const OUTBOX_GRACE: Duration = Duration::from_secs(2);
-const OUTBOX_POLL: Duration = Duration::from_millis(500);
-/// How long published events stay readable for a reconnecting fan-out.
-pub const OUTBOX_RETENTION: Duration = Duration::from_secs(120);
-/// A replay covers this much before the loss was noticed: a dead
-/// connection is noticed within a ping interval and its timeout, and
-/// instances' clocks may differ a little.
-const REPLAY_MARGIN: Duration = Duration::from_secs(15);
-/// The most events one replay delivers.
-const REPLAY_LIMIT: usize = 100_000;
 
+/// This process's order events: delivered to its subscriptions, handed to
+/// its relay, counted for whoever caches the catalog. Cheap to clone.
 #[derive(Clone)]
 pub struct EventBus {
     inner: Arc<Inner>,
@@ -74,8 +56,9 @@ struct Inner {
     tx: broadcast::Sender<Fanout>,
     /// One channel per customer with live subscriptions, carrying only that
     /// customer's events, so that an event wakes only the subscriptions that
-    /// may see it (with 10,000 storefronts connected, waking all of them per
-    /// event cost ~60 ms of CPU). Channels without receivers are dropped.
+    /// may see it (waking every connected storefront per event was a large
+    /// cost per event; see the websocket scenarios in BENCHMARKS.md).
+    /// Channels without receivers are dropped.
     customers: Mutex<CustomerChannels>,
     /// To the relay: events committed by this instance, to publish now.
     relay: mpsc::UnboundedSender<Vec<OrderEvent>>,
@@ -119,9 +102,6 @@ impl Seen {
         true
     }
 }
-
-/// The receiving end of the relay channel, consumed by [`run_relay`].
-pub struct RelayInbox(mpsc::UnboundedReceiver<Vec<OrderEvent>>);
 
 impl EventBus {
     pub fn new() -> (EventBus, RelayInbox) {
@@ -220,163 +200,11 @@ impl EventBus {
     }
 }
 
-/// Publishes events to Redis and marks them published in the outbox once
-/// Redis has them. Runs until shutdown, then publishes what it still holds.
-pub async fn run_relay(
-    mut inbox: RelayInbox,
-    store: Arc<dyn Store>,
-    conn: ConnectionManager,
-    channel: String,
-    shutdown: CancellationToken,
-) {
-    let mut poll = tokio::time::interval(OUTBOX_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf: Vec<Vec<OrderEvent>> = Vec::new();
-    let mut ticks: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                while let Ok(events) = inbox.0.try_recv() {
-                    publish(&store, &conn, &channel, events).await;
-                }
-                return;
-            }
-            n = inbox.0.recv_many(&mut buf, 64) => {
-                if n == 0 { return; }
-                let events: Vec<OrderEvent> = buf.drain(..).flatten().collect();
-                publish(&store, &conn, &channel, events).await;
-            }
-            _ = poll.tick() => {
-                ticks += 1;
-                let now = Utc::now();
-                let before = now - chrono::Duration::from_std(OUTBOX_GRACE).expect("small");
-                let lease = now + chrono::Duration::seconds(10);
-                match store.outbox_claim(before, lease, 1000).await {
-                    Ok(events) if !events.is_empty() => {
-                        debug!(count = events.len(), "relaying events left in the outbox");
-                        publish(&store, &conn, &channel, events).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "outbox poll failed"),
-                }
-                if let Ok(n) = store.outbox_len().await {
-                    telemetry::outbox_backlog(n);
-                }
-                // every ~10 s: forget what every fan-out has had time to read
-                if ticks.is_multiple_of(20) {
-                    let horizon = now - chrono::Duration::from_std(OUTBOX_RETENTION).expect("small");
-                    if let Err(e) = store.outbox_prune(horizon).await {
-                        debug!(error = %e, "outbox prune failed");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Publishes events and marks them published; on failure they stay in the
-/// outbox and a later poll publishes them.
-async fn publish(store: &Arc<dyn Store>, conn: &ConnectionManager, channel: &str, events: Vec<OrderEvent>) {
-    if events.is_empty() {
-        return;
-    }
-    let mut pipe = redis::pipe();
-    for e in &events {
-        pipe.publish(channel, serde_json::to_string(e).expect("events serialise")).ignore();
-    }
-    match pipe.query_async::<()>(&mut conn.clone()).await {
-        Ok(()) => {
-            let ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
-            if let Err(e) = store.outbox_published(&ids, Utc::now()).await {
-                // published but not marked: it will be published again,
-                // and receivers drop the duplicate
-                warn!(error = %e, "could not mark relayed outbox rows published");
-            }
-        }
-        Err(e) => {
-            telemetry::relay_failed();
-            warn!(error = %e, count = events.len(), "could not publish events; they stay in the outbox and are retried");
-        }
-    }
-}
-
-struct FanoutHandler {
-    bus: EventBus,
-    store: Arc<dyn Store>,
-    /// When the last connection was noticed lost.
-    lost_at: Option<DateTime<Utc>>,
-}
-
-#[async_trait]
-impl subscription::Handler for FanoutHandler {
-    async fn connected(&mut self, reconnected: bool) {
-        self.bus.inner.fanout_up.store(true, Ordering::Relaxed);
-        if reconnected {
-            // events published while this subscription was down reached
-            // nobody here: read them from the outbox
-            let lost_at = self.lost_at.take().unwrap_or_else(Utc::now);
-            let since = lost_at - chrono::Duration::from_std(REPLAY_MARGIN).expect("small");
-            let (bus, store) = (self.bus.clone(), self.store.clone());
-            tokio::spawn(async move {
-                match store.outbox_since(since, REPLAY_LIMIT).await {
-                    Ok(events) => {
-                        info!(count = events.len(), "event fan-out replayed events from the outbox after a reconnect");
-                        for e in events {
-                            bus.deliver(Arc::new(e));
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "event fan-out could not read missed events from the outbox"),
-                }
-                // and subscriptions re-read their snapshots in any case
-                bus.resync();
-            });
-        }
-    }
-
-    async fn message(&mut self, _channel: &str, payload: &[u8]) {
-        // this instance's own events (already delivered when they were
-        // committed) come back too: drop them before parsing the order
-        if leading_event_id(payload).is_some_and(|id| self.bus.seen(id)) {
-            return;
-        }
-        match serde_json::from_slice::<OrderEvent>(payload) {
-            Ok(event) => self.bus.deliver(Arc::new(event)),
-            Err(e) => warn!(error = %e, "ignoring a malformed order event"),
-        }
-    }
-
-    fn disconnected(&mut self) {
-        self.bus.inner.fanout_up.store(false, Ordering::Relaxed);
-        self.lost_at.get_or_insert_with(Utc::now);
-    }
-}
-
-/// The `event_id` of a published event, read from the start of its JSON
-/// (serde writes `OrderEvent`'s fields in order); `None` if it is not there,
-/// and the full parse decides.
-fn leading_event_id(payload: &[u8]) -> Option<i64> {
-    let rest = payload.strip_prefix(b"{\"event_id\":")?;
-    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-/// The one Redis subscription of this process to `<prefix>events`.
-pub async fn run_fanout(
-    bus: EventBus,
-    store: Arc<dyn Store>,
-    client: redis::Client,
-    channel: String,
-    shutdown: CancellationToken,
-) {
-    let mut handler = FanoutHandler { bus, store, lost_at: None };
-    subscription::run(client, channel, "event fan-out", &mut handler, shutdown).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event(event_id: i64, customer: i64) -> OrderEvent {
+    pub(super) fn event(event_id: i64, customer: i64) -> OrderEvent {
         use crate::domain::{Order, OrderId, OrderStatus};
         let now = chrono::Utc::now();
         let order = Order {
@@ -420,15 +248,6 @@ mod tests {
         );
         bus.resync();
         assert_eq!(id(ann.try_recv().unwrap()), 0);
-    }
-
-    #[test]
-    fn the_event_id_is_read_from_the_published_json_without_parsing_it() {
-        let json = serde_json::to_vec(&event(42, 7)).unwrap();
-        assert_eq!(leading_event_id(&json), Some(42));
-        assert_eq!(leading_event_id(b"{\"order\":{},\"event_id\":1}"), None);
-        assert_eq!(leading_event_id(b"{\"event_id\":"), None);
-        assert_eq!(leading_event_id(b"garbage"), None);
     }
 
     #[test]
