@@ -14,7 +14,7 @@ use crate::{
     domain::{CancelReason, CancelSource, Order, OrderEvent, OrderId, OrderRequest, OrderStatus},
     error::{ShopError, ShopResult},
     events::EventBus,
-    expiry::Scheduler,
+    expiry::schedule::Scheduler,
     ratelimit::Refusal,
     store::{CancelOutcome, PayOutcome, PendingLimits, PlaceError, Store},
     telemetry,

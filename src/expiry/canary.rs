@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{listener::ListenerState, Keys};
+use super::{listener::ListenerState, schedule::Keys};
 use crate::telemetry;
 
 /// The canary's time to live.

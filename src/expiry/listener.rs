@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::{
     canary::{Arrival, CanaryInbox},
-    Keys,
+    schedule::Keys,
 };
 use crate::{domain::OrderId, orders::Orders, redis::subscription, telemetry};
 

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{listener::ListenerState, Keys};
+use super::{listener::ListenerState, schedule::Keys};
 use crate::domain::OrderId;
 
 /// The most members claimed per script call; Lua's `unpack` limit is ~8000.
