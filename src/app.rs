@@ -4,6 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use async_graphql::dataloader::DataLoader;
 use axum::Router;
 use rand::RngCore;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -13,9 +14,15 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Auth,
+    caching::responses::ResponseCache,
     config::Config,
     connlimit::{self, AddrLimits},
-    events::{fanout, outbox::Outbox, relay, EventBus},
+    events::{
+        fanout,
+        outbox::Outbox,
+        relay::{self, RelayInbox},
+        EventBus,
+    },
     expiry::{
         canary::Canary,
         listener::{CancelQueue, Listener, ListenerState},
@@ -23,7 +30,7 @@ use crate::{
         schedule::{Keys, Scheduler},
         sweeper,
     },
-    graphql::{self, types::StoreLoader, Services},
+    graphql::{self, persisted::PersistedQueries, types::StoreLoader, Services},
     http::{self, HttpState},
     orders::Orders,
     ratelimit::{LimitSettings, Limits},
@@ -74,141 +81,36 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 impl App {
+    /// Wires every setting in four steps, each below: connect the store and
+    /// Redis, build the domain services, spawn the background tasks, build
+    /// the HTTP state; then binds the listener.
     pub async fn build(config: Config) -> Result<App, StartError> {
         telemetry::metrics_handle();
         let store = open_store(&config).await?;
-        let ca =
-            config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
-        let (redis_url, private_redis) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
-        let client = client::client(&redis_url, ca.as_ref())
-            .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
-        let db = client.get_connection_info().redis_settings().db();
-        // Commands fail fast while Redis is away: an order is still placed
-        // (the sweep covers it) instead of hanging on a dead connection.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(1000)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config)
-            .await
-            .map_err(|e| RedisStartError::Unreachable { url: redis_url.clone(), reason: e.to_string() })?;
-
-        let jwt_secret = match &config.jwt_secret {
-            Some(s) => s.0.clone().into_bytes(),
-            None => {
-                warn!("JWT_SECRET is not set: using a random key, so customer tokens die with this process and other instances reject them");
-                let mut key = vec![0u8; 32];
-                rand::thread_rng().fill_bytes(&mut key);
-                key
-            }
-        };
-        let auth = Auth::new(config.admin_token.clone(), &jwt_secret, config.jwt_lifetime);
-        if config.admin_token.is_none() {
-            warn!("ADMIN_TOKEN is not set: admin operations are refused");
-        }
-
-        let keys = Keys { prefix: config.redis_key_prefix.clone() };
-        let (bus, relay_inbox) = EventBus::new();
-        let scheduler = Scheduler { conn: conn.clone(), keys: keys.clone() };
-        let pending = PendingLimits { orders: config.max_pending_orders, units: config.max_pending_units };
-        let orders =
-            Arc::new(Orders { store: store.clone(), scheduler, events: bus.clone(), ttl: config.order_ttl, pending });
-
+        let redis = RedisLink::connect(&config).await?;
+        let (domain, relay_inbox) = Domain::new(&config, store, &redis);
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let listener_state = Arc::new(ListenerState::default());
-        let sweep_now = Arc::new(Notify::new());
-
-        let outbox = Outbox::new(store.clone());
-        tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
-        tracker.spawn(fanout::run(bus.clone(), outbox, client.clone(), keys.events(), shutdown.clone()));
-        let queue = CancelQueue::default();
-        let fallback = Fallback { listener: listener_state.clone(), cancel: queue.sender() };
-        tracker.spawn(Nudger::new(conn.clone(), keys.clone(), fallback).run(config.nudge_interval, shutdown.clone()));
-        let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
-        tracker.spawn(canary.run(shutdown.clone()));
-        tracker.spawn(
-            Listener {
-                client: client.clone(),
-                conn: conn.clone(),
-                keys: keys.clone(),
-                db,
-                orders: orders.clone(),
-                state: listener_state.clone(),
-                sweep_now: sweep_now.clone(),
-                canary: canary_inbox,
-                queue,
-            }
-            .run(tracker.clone(), shutdown.clone()),
-        );
-        tracker.spawn(sweeper::run(orders.clone(), config.sweep_interval, sweep_now, shutdown.clone()));
-
-        let services = Arc::new(Services {
-            store: store.clone(),
-            orders: orders.clone(),
-            auth: auth.clone(),
-            events: bus.clone(),
-            loader: async_graphql::dataloader::DataLoader::new(StoreLoader(store.clone()), tokio::spawn)
-                .delay(Duration::from_micros(200)),
-            limits: Limits::new(
-                Some(conn.clone()),
-                &config.redis_key_prefix,
-                LimitSettings {
-                    auth_per_address: config.auth_rate_limit_per_minute,
-                    login_per_account: config.login_rate_limit_per_account,
-                    orders_per_customer: config.order_rate_limit_per_minute,
-                },
-            ),
-        });
-        let documents = graphql::Documents::default();
-        let persisted = graphql::persisted::PersistedQueries::new(conn.clone(), &config.redis_key_prefix);
-        let schema = graphql::build(services, documents.clone(), config.introspection, persisted);
-        let responses =
-            Arc::new(crate::caching::responses::ResponseCache::new(config.catalog_cache_ttl, bus.changes()));
-        let state = HttpState {
-            schema,
-            documents,
-            auth,
-            store: store.clone(),
-            redis: conn,
-            listener: listener_state,
-            events: bus,
-            ws: Arc::new(WsSettings {
-                max_subscriptions: config.ws_max_subscriptions,
-                init_timeout: config.ws_init_timeout,
-                keepalive: config.ws_keepalive,
-                anonymous_idle_timeout: config.ws_anonymous_idle_timeout,
-                hubs: Default::default(),
-            }),
-            ws_permits: AddrLimits::new(config.ws_per_ip(), config.ws_max_connections),
-            shutdown: shutdown.clone(),
-            request_timeout: config.request_timeout,
-            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
-            cors: config.cors_allowed_origins.clone().map(Arc::new),
-            catalog_max_age: config.catalog_max_age,
-            responses,
-            metrics_token: config.metrics_token.clone(),
-            graphiql: config.graphiql,
-        };
+        let listener_state = spawn_background(&config, &domain, &redis, relay_inbox, &tracker, &shutdown);
+        let state = http_state(&config, &domain, &redis, listener_state, &shutdown);
         let router = http::router(state, &config.demo_dir);
         let listener = tokio::net::TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen_addr, source })?;
         let serve = serve_settings(&config);
-        info!(backend = store.backend(), redis = %crate::config::redact_url(&redis_url), "shopgraph built");
+        info!(backend = domain.store.backend(), redis = %crate::config::redact_url(&redis.url), "shopgraph built");
         Ok(App {
             addr,
-            store,
-            orders,
-            redis_url,
+            store: domain.store,
+            orders: domain.orders,
+            redis_url: redis.url,
             listener,
             router,
             serve,
             tracker,
             shutdown,
-            _private_redis: private_redis,
+            _private_redis: redis.private,
         })
     }
 
@@ -229,6 +131,176 @@ impl App {
         }
         info!("shopgraph stopped");
         Ok(())
+    }
+}
+
+/// The Redis of this process: a client for subscriptions (each opens its
+/// own connection) and one managed connection for every command.
+struct RedisLink {
+    url: String,
+    /// The private server, when one had to be started.
+    private: Option<PrivateRedis>,
+    client: redis::Client,
+    conn: ConnectionManager,
+    /// The database index, whose keyspace events the listener reads.
+    db: i64,
+}
+
+impl RedisLink {
+    async fn connect(config: &Config) -> Result<RedisLink, StartError> {
+        let ca =
+            config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
+        let (url, private) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
+        let unreachable =
+            |e: redis::RedisError| RedisStartError::Unreachable { url: url.clone(), reason: e.to_string() };
+        let client = client::client(&url, ca.as_ref()).map_err(unreachable)?;
+        let db = client.get_connection_info().redis_settings().db();
+        // Commands fail fast while Redis is away: an order is still placed
+        // (the sweep covers it) instead of hanging on a dead connection.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(1000)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(unreachable)?;
+        Ok(RedisLink { url, private, client, conn, db })
+    }
+}
+
+/// The services every entry point shares: the store, the order rules, the
+/// event bus, credentials, and the Redis names of this deployment.
+struct Domain {
+    store: Arc<dyn Store>,
+    keys: Keys,
+    events: EventBus,
+    orders: Arc<Orders>,
+    auth: Arc<Auth>,
+}
+
+impl Domain {
+    /// The domain, and the bus's relay inbox for [`spawn_background`].
+    fn new(config: &Config, store: Arc<dyn Store>, redis: &RedisLink) -> (Domain, RelayInbox) {
+        let keys = Keys { prefix: config.redis_key_prefix.clone() };
+        let (events, relay_inbox) = EventBus::new();
+        let orders = Arc::new(Orders {
+            store: store.clone(),
+            scheduler: Scheduler { conn: redis.conn.clone(), keys: keys.clone() },
+            events: events.clone(),
+            ttl: config.order_ttl,
+            pending: PendingLimits { orders: config.max_pending_orders, units: config.max_pending_units },
+        });
+        let auth = Auth::new(config.admin_token.clone(), &jwt_secret(config), config.jwt_lifetime);
+        if config.admin_token.is_none() {
+            warn!("ADMIN_TOKEN is not set: admin operations are refused");
+        }
+        (Domain { store, keys, events, orders, auth }, relay_inbox)
+    }
+}
+
+/// `JWT_SECRET`, or a random key for this process alone.
+fn jwt_secret(config: &Config) -> Vec<u8> {
+    match &config.jwt_secret {
+        Some(s) => s.0.clone().into_bytes(),
+        None => {
+            warn!("JWT_SECRET is not set: using a random key, so customer tokens die with this process and other instances reject them");
+            let mut key = vec![0u8; 32];
+            rand::thread_rng().fill_bytes(&mut key);
+            key
+        }
+    }
+}
+
+/// Starts the event relay and fan-out and the expiry tasks (nudger, canary,
+/// listener, sweeper) on `tracker`; each stops when `shutdown` is cancelled.
+/// Returns the listener's state, which readiness and the nudger read.
+fn spawn_background(
+    config: &Config,
+    domain: &Domain,
+    redis: &RedisLink,
+    relay_inbox: RelayInbox,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Arc<ListenerState> {
+    let (keys, conn) = (&domain.keys, &redis.conn);
+    let outbox = Outbox::new(domain.store.clone());
+    tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
+    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.client.clone(), keys.events(), shutdown.clone()));
+
+    let listener_state = Arc::new(ListenerState::default());
+    let sweep_now = Arc::new(Notify::new());
+    let queue = CancelQueue::default();
+    let fallback = Fallback { listener: listener_state.clone(), cancel: queue.sender() };
+    tracker.spawn(Nudger::new(conn.clone(), keys.clone(), fallback).run(config.nudge_interval, shutdown.clone()));
+    let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
+    tracker.spawn(canary.run(shutdown.clone()));
+    let listener = Listener {
+        client: redis.client.clone(),
+        conn: conn.clone(),
+        keys: keys.clone(),
+        db: redis.db,
+        orders: domain.orders.clone(),
+        state: listener_state.clone(),
+        sweep_now: sweep_now.clone(),
+        canary: canary_inbox,
+        queue,
+    };
+    tracker.spawn(listener.run(tracker.clone(), shutdown.clone()));
+    tracker.spawn(sweeper::run(domain.orders.clone(), config.sweep_interval, sweep_now, shutdown.clone()));
+    listener_state
+}
+
+/// The GraphQL schema over the domain, and everything the router serves it
+/// with: websocket settings, limits, CORS, caching.
+fn http_state(
+    config: &Config,
+    domain: &Domain,
+    redis: &RedisLink,
+    listener: Arc<ListenerState>,
+    shutdown: &CancellationToken,
+) -> HttpState {
+    let services = Arc::new(Services {
+        store: domain.store.clone(),
+        orders: domain.orders.clone(),
+        auth: domain.auth.clone(),
+        events: domain.events.clone(),
+        loader: DataLoader::new(StoreLoader(domain.store.clone()), tokio::spawn).delay(Duration::from_micros(200)),
+        limits: Limits::new(
+            Some(redis.conn.clone()),
+            &config.redis_key_prefix,
+            LimitSettings {
+                auth_per_address: config.auth_rate_limit_per_minute,
+                login_per_account: config.login_rate_limit_per_account,
+                orders_per_customer: config.order_rate_limit_per_minute,
+            },
+        ),
+    });
+    let documents = graphql::Documents::default();
+    let persisted = PersistedQueries::new(redis.conn.clone(), &config.redis_key_prefix);
+    let schema = graphql::build(services, documents.clone(), config.introspection, persisted);
+    HttpState {
+        schema,
+        documents,
+        auth: domain.auth.clone(),
+        store: domain.store.clone(),
+        redis: redis.conn.clone(),
+        listener,
+        events: domain.events.clone(),
+        ws: Arc::new(WsSettings {
+            max_subscriptions: config.ws_max_subscriptions,
+            init_timeout: config.ws_init_timeout,
+            keepalive: config.ws_keepalive,
+            anonymous_idle_timeout: config.ws_anonymous_idle_timeout,
+            hubs: Default::default(),
+        }),
+        ws_permits: AddrLimits::new(config.ws_per_ip(), config.ws_max_connections),
+        shutdown: shutdown.clone(),
+        request_timeout: config.request_timeout,
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        cors: config.cors_allowed_origins.clone().map(Arc::new),
+        catalog_max_age: config.catalog_max_age,
+        responses: Arc::new(ResponseCache::new(config.catalog_cache_ttl, domain.events.changes())),
+        metrics_token: config.metrics_token.clone(),
+        graphiql: config.graphiql,
     }
 }
 
