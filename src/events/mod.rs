@@ -79,7 +79,7 @@ struct CustomerChannels {
 
 /// Events one customer's channel holds for a slow subscription: a customer
 /// has few orders in flight; the ring buffer is allocated up front.
-const CUSTOMER_CAPACITY: usize = 64;
+pub const CUSTOMER_CAPACITY: usize = 64;
 
 #[derive(Default)]
 struct Seen {

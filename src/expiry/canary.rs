@@ -2,7 +2,7 @@
 //! reach the listener's subscription, found out without `CONFIG`.
 //!
 //! After every (re)subscribe, and every [`RECHECK`] while they are missing,
-//! it writes `<prefix>canary:<uuid>` with a 50 ms TTL, touches it once due
+//! it writes `<prefix>canary:<uuid>` with a short [`TTL`], touches it once due
 //! (so Redis deletes it on the spot, as the nudger does for orders) and waits
 //! for its event on the listener's subscription. The answer goes to
 //! [`ListenerState`] (`/readyz`, the nudger's fallback), a gauge, and one WARN

@@ -1,8 +1,8 @@
 //! Makes Redis expire each order's key at its deadline.
 //!
 //! Redis deletes an expired key (and only then sends `expired`) when it is
-//! touched or when its active expiry samples it; with a million keys holding
-//! TTLs that sampling is minutes late. So every instance polls the deadline
+//! touched or when its active expiry samples it; once many keys hold TTLs
+//! that sampling is minutes late (BENCHMARKS.md, direct inserts). So every instance polls the deadline
 //! index, claims the due members atomically (one script: `TIME`,
 //! `ZRANGEBYSCORE`, `ZREM`, so each member is claimed by one instance) and
 //! touches their keys with `EXISTS`: Redis deletes them on the spot and the

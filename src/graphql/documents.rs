@@ -10,8 +10,8 @@
 //! A document that passed validation once is not validated again when it
 //! comes back without variables (validation reads only the document, the
 //! schema and the variables' values): storefronts repeat the same catalog
-//! reads, and the engine's 22 validation rules were a large share of
-//! their cost.
+//! reads, and the engine's validation rules were a large share of their
+//! cost.
 
 use std::{
     collections::HashMap,
@@ -48,7 +48,7 @@ const CACHE_SIZE: usize = 256;
 const CACHED_QUERY_BYTES: usize = 8 * 1024;
 
 /// Parsed documents by query text. Parsing costs more than cloning the
-/// parsed form (about 7 % of the server's CPU per `createOrder`).
+/// parsed form, and every request parses (BENCHMARKS.md has the profiles).
 #[derive(Clone, Default)]
 pub struct Documents(Arc<Mutex<HashMap<String, Entry>>>);
 

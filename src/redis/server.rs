@@ -45,14 +45,17 @@ pub async fn ping(url: &str) -> Result<(), String> {
     ping_with(url, None).await
 }
 
-/// PINGs `url` within 2 s; over TLS trusting `ca` too.
+/// How long a start-up PING may take before Redis counts as unreachable.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// PINGs `url` within [`PING_TIMEOUT`]; over TLS trusting `ca` too.
 pub async fn ping_with(url: &str, ca: Option<&TrustedCa>) -> Result<(), String> {
     let client = client::client(url, ca).map_err(|e| e.to_string())?;
     let attempt = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
-    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+    match tokio::time::timeout(PING_TIMEOUT, attempt).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),

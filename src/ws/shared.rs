@@ -2,8 +2,8 @@
 //!
 //! Storefronts all send the same few subscription documents. Executing the
 //! selection set and serialising the response once per subscriber per event
-//! was most of the server's work in a fan-out (1,000 admin subscribers: the
-//! same JSON built 1,000 times per event). Here, websocket subscribers whose
+//! was most of the server's work in a fan-out (every admin subscriber had
+//! the same JSON built for it per event). Here, websocket subscribers whose
 //! operation is the same (document text, operation name, variables) and who
 //! see the same orders (the same [`Identity`]) join one running execution, a
 //! [`Hub`]; it renders each response once into a [`Frame`] of JSON text that
@@ -150,10 +150,11 @@ fn member_frames(frames: broadcast::Receiver<Frame>) -> MemberFrames {
 /// Frames a member may fall behind before it is ended. The admin sees every
 /// event, including expiry bursts of thousands per second; a customer's
 /// events come a few at a time. The customer's buffer is as large as its
-/// event channel (64 events); the admin's is half the event broadcast
-/// ([`crate::events::BROADCAST_CAPACITY`], 16,384 events).
-const ADMIN_BUFFER: usize = 8192;
-const CUSTOMER_BUFFER: usize = 64;
+/// event channel; the admin's is half the event broadcast, which it reads
+/// from. A narrow operation (every root field names one order with
+/// `orderId`) sees at most one event per field.
+const ADMIN_BUFFER: usize = crate::events::BROADCAST_CAPACITY / 2;
+const CUSTOMER_BUFFER: usize = crate::events::CUSTOMER_CAPACITY;
 const NARROW_BUFFER: usize = 4;
 
 impl Hubs {
