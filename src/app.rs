@@ -297,7 +297,7 @@ fn http_state(
         request_timeout: config.request_timeout,
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         cors: config.cors_allowed_origins.clone().map(Arc::new),
-        catalog_max_age: config.catalog_max_age,
+        catalog_cache_control: crate::caching::cache_control(config.catalog_max_age),
         responses: Arc::new(ResponseCache::new(config.catalog_cache_ttl, domain.events.changes())),
         metrics_token: config.metrics_token.clone(),
         graphiql: config.graphiql,

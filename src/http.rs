@@ -60,8 +60,9 @@ pub struct HttpState {
     pub trusted_proxies: Arc<Vec<Cidr>>,
     /// `CORS_ALLOWED_ORIGINS`; `None`: no CORS headers.
     pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
-    /// `max-age` of anonymous catalog responses (`CATALOG_MAX_AGE`).
-    pub catalog_max_age: Duration,
+    /// `Cache-Control: public, max-age=CATALOG_MAX_AGE` of anonymous catalog
+    /// responses, made once.
+    pub catalog_cache_control: HeaderValue,
     /// The server's own store of those responses (`CATALOG_CACHE_TTL`).
     pub responses: Arc<responses::ResponseCache>,
     /// The bearer token `/metrics` requires (`METRICS_TOKEN`); `None`: 404.
@@ -258,7 +259,7 @@ async fn execute(
         if let Some(key) = key {
             state.responses.put(key, ticket, body.clone(), tag.clone());
         }
-        return caching::public(state.catalog_max_age, headers, content_type(modern), body, tag, Duration::ZERO);
+        return caching::public(&state.catalog_cache_control, headers, content_type(modern), body, tag, Duration::ZERO);
     }
     let request_error = match &response {
         BatchResponse::Single(r) => {
@@ -284,7 +285,7 @@ fn cached(state: &HttpState, headers: &HeaderMap, key: Option<&responses::Key>) 
     let hit = state.responses.get(key?)?;
     telemetry::catalog_cache_hit();
     let content_type = content_type(key?.modern);
-    Some(caching::public(state.catalog_max_age, headers, content_type, hit.body, hit.etag, hit.age))
+    Some(caching::public(&state.catalog_cache_control, headers, content_type, hit.body, hit.etag, hit.age))
 }
 
 fn content_type(modern: bool) -> HeaderValue {
@@ -363,8 +364,9 @@ async fn graphql_post(
         res.headers_mut().insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         return res;
     }
-    let (parts, body) = req.into_parts();
-    let headers = parts.headers.clone();
+    let (mut parts, body) = req.into_parts();
+    // the body extractor needs only the extensions (the body limit), not the headers
+    let headers = std::mem::take(&mut parts.headers);
     let body: Result<Bytes, BytesRejection> = Bytes::from_request(Request::from_parts(parts, body), &state).await;
     let body = match body {
         Ok(b) => b,

@@ -89,7 +89,7 @@ pub fn tagged(body: Bytes) -> (Bytes, HeaderValue) {
 /// when it was executed a while ago; 304 without a body when the client
 /// already holds it.
 pub fn public(
-    max_age: Duration,
+    control: &HeaderValue,
     request: &HeaderMap,
     content_type: HeaderValue,
     body: Bytes,
@@ -98,7 +98,7 @@ pub fn public(
 ) -> Response {
     let mut res = Response::new(Body::empty());
     let headers = res.headers_mut();
-    headers.insert(header::CACHE_CONTROL, cache_control(max_age));
+    headers.insert(header::CACHE_CONTROL, control.clone());
     // application/json or application/graphql-response+json, by Accept
     headers.insert(header::VARY, HeaderValue::from_static("Accept"));
     if age >= Duration::from_secs(1) {
@@ -115,7 +115,8 @@ pub fn public(
     res
 }
 
-fn cache_control(max_age: Duration) -> HeaderValue {
+/// `public, max-age=…` for anonymous catalog responses.
+pub fn cache_control(max_age: Duration) -> HeaderValue {
     // whole seconds; a sub-second setting still allows one
     HeaderValue::from_str(&format!("public, max-age={}", max_age.as_secs().max(1)))
         .unwrap_or_else(|_| HeaderValue::from_static("no-store"))
