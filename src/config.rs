@@ -399,6 +399,11 @@ impl ConfigArgs {
         }
         if let Some(v) = self.jwt_lifetime {
             c.jwt_lifetime = duration("JWT_LIFETIME", &v)?;
+            // a token's `exp` is seconds since 1970: a lifetime past a year
+            // is a mistake, and a huge one would overflow it
+            if c.jwt_lifetime > MAX_JWT_LIFETIME {
+                return Err(bad("JWT_LIFETIME", format!("{} is too long (at most 365 days)", v.trim())));
+            }
         }
         if let Some(v) = self.db_max_connections {
             c.db_max_connections = positive("DB_MAX_CONNECTIONS", &v)?;
@@ -496,6 +501,8 @@ impl ConfigArgs {
 /// and every deadline computed from it stays far inside the range of the
 /// database's timestamps and Redis's `PEXPIREAT`.
 pub const MAX_ORDER_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest `JWT_LIFETIME`.
+pub const MAX_JWT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `LISTEN_ADDR`: `IP:PORT`, or `HOST:PORT` with the host name resolved
 /// (`localhost:8000`); the first address the resolver gives is used.
@@ -658,6 +665,17 @@ mod tests {
             let err = args(huge).into_config().unwrap_err();
             assert_eq!(err.var, "ORDER_TTL", "{huge}");
             assert!(err.reason.contains("at most 30 days") || err.reason.contains("invalid duration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_jwt_lifetime_over_a_year_is_refused_naming_the_bound() {
+        let args = |v: &str| ConfigArgs { jwt_lifetime: Some(v.into()), ..Default::default() };
+        assert_eq!(args("365days").into_config().unwrap().jwt_lifetime, MAX_JWT_LIFETIME);
+        for huge in ["366days", "100years", "18446744073709551615s"] {
+            let err = args(huge).into_config().unwrap_err();
+            assert_eq!(err.var, "JWT_LIFETIME", "{huge}");
+            assert!(err.reason.contains("at most 365 days") || err.reason.contains("invalid duration"), "{err}");
         }
     }
 
