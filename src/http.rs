@@ -443,7 +443,7 @@ async fn graphql_get(
             )
         }
     };
-    if is_mutation(&request) {
+    if crate::graphql::persisted::runs_mutation(&request) {
         let mut res =
             error_body(StatusCode::METHOD_NOT_ALLOWED, "mutations must be sent with POST", errors::BAD_USER_INPUT);
         res.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -452,18 +452,6 @@ async fn graphql_get(
     let client = client(&state, &parts.headers, addr);
     let request = request.data(crate::graphql::persisted::SafeMethod);
     execute(&state, &parts.headers, client, BatchRequest::Single(request), key).await
-}
-
-fn is_mutation(request: &async_graphql::Request) -> bool {
-    use async_graphql::parser::types::OperationType;
-    let Ok(doc) = async_graphql::parser::parse_query(&request.query) else { return false };
-    doc.operations.iter().any(|(name, op)| {
-        op.node.ty == OperationType::Mutation
-            && match (&request.operation_name, name) {
-                (Some(wanted), Some(name)) => wanted == name.as_str(),
-                _ => true,
-            }
-    })
 }
 
 fn websocket(

@@ -150,7 +150,9 @@ impl Extension for PerRequest {
 /// In a request's data: it came by `GET`, so it may not run a mutation.
 pub struct SafeMethod;
 
-fn runs_mutation(request: &Request) -> bool {
+/// Whether the operation a request runs is a mutation (any operation of
+/// the document, when it names none): what `GET` may not run.
+pub fn runs_mutation(request: &Request) -> bool {
     use async_graphql::parser::types::OperationType;
     let Ok(doc) = async_graphql::parser::parse_query(&request.query) else { return false };
     doc.operations.iter().any(|(name, op)| {
