@@ -46,7 +46,7 @@ impl From<ShopError> for async_graphql::Error {
             // no `retryAfter`: waiting does not free a slot, stopping an operation does
             ShopError::TooManySubscriptions(_) => RATE_LIMITED,
             ShopError::RateLimited(r) => {
-                // whole seconds, as `Retry-After` carries them (src/http.rs)
+                // whole seconds, as `Retry-After` carries them (src/http/graphql.rs)
                 let secs = r.retry_after.as_secs().max(1);
                 return async_graphql::Error::new(e.to_string()).extend_with(|_, x| {
                     x.set("code", RATE_LIMITED);

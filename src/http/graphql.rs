@@ -1,175 +1,30 @@
-//! The axum router: `/graphql` (HTTP and websocket), `/graphiql`,
-//! `/healthz`, `/readyz`, `/metrics`, `/demo/`; the security headers every
-//! response carries.
+//! `/graphql` over HTTP: POST and GET bodies to one execution path (the
+//! token, the whole-batch limits, the server's catalog cache, HTTP statuses
+//! and cache headers), and the websocket upgrade.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
     body::Bytes,
     extract::{
-        rejection::BytesRejection, ws::WebSocketUpgrade, ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts,
-        Request, State,
+        rejection::BytesRejection, ws::WebSocketUpgrade, ConnectInfo, FromRequest, FromRequestParts, Request, State,
     },
     http::{header, HeaderMap, HeaderValue, StatusCode},
-    middleware::{self, Next},
-    response::{IntoResponse, Redirect, Response},
-    routing::get,
-    Json, Router,
+    response::{IntoResponse, Response},
+    Json,
 };
-use redis::aio::ConnectionManager;
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
-use tower_http::services::ServeDir;
 
+use super::{error_body, HttpState, MAX_BATCH, MAX_BODY, MAX_RESPONSE_BYTES, MAX_WS_MESSAGE};
 use crate::{
-    auth::{Auth, InvalidToken},
+    auth::InvalidToken,
     caching::{self, responses},
-    client_addr::{self, Cidr},
-    config::Secret,
-    connlimit::{AddrLimits, Refused},
-    cors,
-    events::EventBus,
-    expiry::listener::ListenerState,
-    graphql::{errors, ClientAddr, Documents, ShopSchema},
-    store::Store,
+    client_addr,
+    connlimit::Refused,
+    graphql::{errors, ClientAddr},
     telemetry,
-    ws::{self, Protocol, WsSettings},
+    ws::{self, Protocol},
 };
-
-/// Everything the handlers share.
-#[derive(Clone)]
-pub struct HttpState {
-    pub schema: ShopSchema,
-    /// The schema's documents, to judge a whole batch before any of it runs.
-    pub documents: Documents,
-    pub auth: Arc<Auth>,
-    pub store: Arc<dyn Store>,
-    pub redis: ConnectionManager,
-    pub listener: Arc<ListenerState>,
-    pub events: EventBus,
-    pub ws: Arc<WsSettings>,
-    /// One permit per open websocket: `WS_MAX_CONNECTIONS` per process and
-    /// `WS_MAX_CONNECTIONS_PER_IP` per client address.
-    pub ws_permits: Arc<AddrLimits>,
-    /// Cancelled at shutdown: websockets close with 1001.
-    pub shutdown: CancellationToken,
-    /// Bound on one HTTP request, body upload included (`REQUEST_TIMEOUT`).
-    pub request_timeout: Duration,
-    /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
-    pub trusted_proxies: Arc<Vec<Cidr>>,
-    /// `CORS_ALLOWED_ORIGINS`; `None`: no CORS headers.
-    pub cors: Option<Arc<crate::cors::AllowedOrigins>>,
-    /// `Cache-Control: public, max-age=CATALOG_MAX_AGE` of anonymous catalog
-    /// responses, made once.
-    pub catalog_cache_control: HeaderValue,
-    /// The server's own store of those responses (`CATALOG_CACHE_TTL`).
-    pub responses: Arc<responses::ResponseCache>,
-    /// The bearer token `/metrics` requires (`METRICS_TOKEN`); `None`: 404.
-    pub metrics_token: Option<Secret>,
-    /// Whether GraphiQL is served (`GRAPHIQL`).
-    pub graphiql: bool,
-}
-
-/// Requests per batch; a larger batch is refused with 400.
-pub const MAX_BATCH: usize = 10;
-/// Bytes of a request body.
-pub const MAX_BODY: usize = 256 * 1024;
-/// Bytes of one response body. The cost limits keep every answer far
-/// below it; this stops whatever they did not foresee from growing without
-/// bound (the response is refused, not truncated).
-pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
-/// Bytes of one websocket message.
-pub const MAX_WS_MESSAGE: usize = 64 * 1024;
-
-pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
-    let demo = ServeDir::new(demo_dir).append_index_html_on_directories(true);
-    let mut router = Router::new()
-        .route(
-            "/graphql",
-            get(graphql_get).post(graphql_post).layer(middleware::from_fn_with_state(state.cors.clone(), cors::layer)),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
-        .nest_service("/demo/", demo);
-    if state.graphiql {
-        router = router
-            .route("/", get(|| async { Redirect::temporary("/graphiql") }))
-            .route("/graphiql", get(graphiql_page))
-            .route("/graphiql/graphiql.js", get(graphiql_js))
-            .route("/graphiql/graphiql.css", get(graphiql_css));
-    }
-    router
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(state.request_timeout, request_timeout))
-        .layer(middleware::map_response(security_headers))
-        .with_state(state)
-}
-
-/// The Content-Security-Policy of every response. Scripts and styles come
-/// from this origin only (the GraphiQL bundle and the demo are files, not
-/// inline code); the one inline `<style>` of the GraphiQL page is allowed
-/// by its hash, computed from the embedded page so a rebuilt page cannot
-/// fall out of step. GraphiQL inlines its fonts and icons as `data:` URLs.
-/// `connect-src 'self'` covers `/graphql` over HTTP and `ws:`/`wss:`.
-fn content_security_policy() -> &'static HeaderValue {
-    static CSP: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
-    CSP.get_or_init(|| {
-        let style_hashes: String =
-            inline_styles(GRAPHIQL_HTML).map(|css| format!(" 'sha256-{}'", sha256_base64(css))).collect();
-        let policy = format!(
-            "default-src 'self'; script-src 'self'; style-src 'self'{style_hashes}; img-src 'self' data:; \
-             font-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
-             frame-ancestors 'none'"
-        );
-        HeaderValue::from_str(&policy).expect("the policy is ASCII")
-    })
-}
-
-/// The text of each `<style>` element of an HTML page.
-fn inline_styles(html: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let html = std::str::from_utf8(html).unwrap_or_default();
-    html.split("<style>").skip(1).filter_map(|rest| rest.split_once("</style>")).map(|(css, _)| css.as_bytes())
-}
-
-fn sha256_base64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    use sha2::Digest;
-    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(bytes))
-}
-
-/// Headers that keep browsers from framing, sniffing or leaking: on every
-/// response (a JSON answer in a frame is as unwanted as a page), unless a
-/// handler set its own.
-async fn security_headers(mut res: Response) -> Response {
-    let h = res.headers_mut();
-    h.entry(header::CONTENT_SECURITY_POLICY).or_insert_with(|| content_security_policy().clone());
-    h.entry(header::X_CONTENT_TYPE_OPTIONS).or_insert(HeaderValue::from_static("nosniff"));
-    h.entry(header::X_FRAME_OPTIONS).or_insert(HeaderValue::from_static("DENY"));
-    h.entry(header::REFERRER_POLICY).or_insert(HeaderValue::from_static("no-referrer"));
-    res
-}
-
-/// Answers 408 (with a coded GraphQL error) when a request, its body upload
-/// included, takes longer than `REQUEST_TIMEOUT`. A websocket upgrade is
-/// answered at once, so the socket itself is not bound by it.
-async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(res) => res,
-        Err(_) => error_body(
-            StatusCode::REQUEST_TIMEOUT,
-            &format!("the request did not complete within {}", humantime::format_duration(limit)),
-            errors::INTERNAL,
-        ),
-    }
-}
-
-fn error_body(status: StatusCode, message: &str, code: &str) -> Response {
-    let message = errors::clip(message);
-    (status, Json(json!({"errors": [{"message": message, "extensions": {"code": code}}]}))).into_response()
-}
 
 /// Whether the client asked for `application/graphql-response+json`.
 fn wants_graphql_response(headers: &HeaderMap) -> bool {
@@ -350,7 +205,7 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
     })
 }
 
-async fn graphql_post(
+pub(super) async fn post(
     State(state): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
@@ -409,7 +264,7 @@ async fn graphql_post(
 }
 
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
-async fn graphql_get(
+pub(super) async fn get(
     State(state): State<HttpState>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
@@ -491,73 +346,4 @@ fn websocket(
         };
         ws::serve(socket, protocol, state.schema, state.auth, client, state.ws, state.shutdown).await;
     })
-}
-
-async fn readyz(State(state): State<HttpState>) -> Response {
-    let timeout = std::time::Duration::from_secs(2);
-    let db = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
-    let mut conn = state.redis.clone();
-    let redis =
-        matches!(tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn)).await, Ok(Ok(_)));
-    let listener = state.listener.is_up();
-    let up = |b: bool| if b { "up" } else { "down" };
-    let mut body = json!({
-        "database": up(db),
-        "redis": up(redis),
-        "listener": up(listener),
-        "events": up(state.events.fanout_up()),
-        // informational: while missing the nudger cancels due orders itself,
-        // so orders are still cancelled on time and readiness stands
-        "expiryEvents": state.listener.arrival().as_str(),
-    });
-    // informational: without the replica the primary serves the catalog
-    if let Some(replica) = state.store.read_replica_usable() {
-        body["readReplica"] = up(replica).into();
-    }
-    let status = if db && redis && listener { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
-}
-
-/// `/metrics` answers only to `Authorization: Bearer <METRICS_TOKEN>`:
-/// it shows order counts and traffic that are nobody else's business.
-/// Without a configured token it does not exist (404).
-async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
-    let Some(token) = &state.metrics_token else {
-        return (StatusCode::NOT_FOUND, "metrics are off: set METRICS_TOKEN to serve them\n").into_response();
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .unwrap_or_default();
-    if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.0.as_bytes())) {
-        let mut res =
-            (StatusCode::UNAUTHORIZED, "metrics need Authorization: Bearer <METRICS_TOKEN>\n").into_response();
-        res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"metrics\""));
-        return res;
-    }
-    let (in_use, idle) = state.store.pool_state();
-    telemetry::db_pool(in_use, idle);
-    let body = telemetry::metrics_handle().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-const GRAPHIQL_HTML: &[u8] = include_bytes!("../assets/graphiql/index.html");
-const GRAPHIQL_JS: &[u8] = include_bytes!("../assets/graphiql/graphiql.js");
-const GRAPHIQL_CSS: &[u8] = include_bytes!("../assets/graphiql/graphiql.css");
-
-async fn graphiql_page() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], GRAPHIQL_HTML)
-}
-
-async fn graphiql_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")],
-        GRAPHIQL_JS,
-    )
-}
-
-async fn graphiql_css() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], GRAPHIQL_CSS)
 }
