@@ -324,10 +324,21 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(var: &'static str, raw:
 
 impl ConfigArgs {
     /// Parses every setting; the first invalid one is the error.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
+    pub fn into_config(mut self) -> Result<Config, ConfigError> {
         let mut c = Config::default();
         self.connection_settings(&mut c)?;
-        if let Some(url) = self.database_url {
+        self.database(&mut c)?;
+        self.redis(&mut c)?;
+        self.orders(&mut c)?;
+        self.access(&mut c)?;
+        self.serving(&mut c)?;
+        self.storefront(&mut c)?;
+        Ok(c)
+    }
+
+    /// `DATABASE_URL`, the read replica, the pool.
+    fn database(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(url) = self.database_url.take() {
             let url = url.trim().to_string();
             if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(bad(
@@ -337,7 +348,7 @@ impl ConfigArgs {
             }
             c.database_url = url;
         }
-        if let Some(url) = self.database_read_url.filter(|u| !u.trim().is_empty()) {
+        if let Some(url) = self.database_read_url.take().filter(|u| !u.trim().is_empty()) {
             let url = url.trim().to_string();
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(bad(
@@ -353,10 +364,21 @@ impl ConfigArgs {
             }
             c.database_read_url = Some(Secret(url));
         }
-        if let Some(v) = self.database_read_max_lag {
+        if let Some(v) = self.database_read_max_lag.take() {
             c.database_read_max_lag = duration("DATABASE_READ_MAX_LAG", &v)?;
         }
-        if let Some(url) = self.redis_url {
+        if let Some(v) = self.db_max_connections.take() {
+            c.db_max_connections = positive("DB_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = self.db_timeout.take() {
+            c.db_timeout = duration("DB_TIMEOUT", &v)?;
+        }
+        Ok(())
+    }
+
+    /// `REDIS_URL`, its CA file, the key prefix.
+    fn redis(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(url) = self.redis_url.take() {
             let url = url.trim().to_string();
             let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
                 bad("REDIS_URL", format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&url)))
@@ -364,40 +386,59 @@ impl ConfigArgs {
             let _ = info;
             c.redis_url = Some(url);
         }
-        if let Some(path) = self.redis_tls_ca_file.filter(|p| !p.trim().is_empty()) {
+        if let Some(path) = self.redis_tls_ca_file.take().filter(|p| !p.trim().is_empty()) {
             c.redis_tls_ca_file = Some(redis_tls_ca_file(path.trim(), c.redis_url.as_deref())?);
         }
-        if let Some(p) = self.redis_key_prefix {
+        if let Some(p) = self.redis_key_prefix.take() {
             if p.is_empty() || p.chars().any(|ch| ch.is_whitespace() || ch == '*' || ch == '?' || ch == '[') {
                 return Err(bad("REDIS_KEY_PREFIX", "must be non-empty without spaces or glob characters"));
             }
             c.redis_key_prefix = p;
         }
-        if let Some(a) = self.listen_addr {
-            c.listen_addr = listen_addr(&a)?;
-        }
-        if let Some(v) = self.order_ttl {
+        Ok(())
+    }
+
+    /// Order lifetime, the background steps, the pending and rate limits.
+    fn orders(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = self.order_ttl.take() {
             c.order_ttl = duration("ORDER_TTL", &v)?;
             if c.order_ttl > MAX_ORDER_TTL {
                 return Err(bad("ORDER_TTL", format!("{} is too long (at most 30 days)", v.trim())));
             }
         }
-        if let Some(v) = self.sweep_interval {
+        if let Some(v) = self.sweep_interval.take() {
             c.sweep_interval = duration("SWEEP_INTERVAL", &v)?;
         }
-        if let Some(v) = self.admin_token {
+        if let Some(v) = self.nudge_interval.take() {
+            c.nudge_interval = duration("NUDGE_INTERVAL", &v)?;
+        }
+        if let Some(v) = self.max_pending_orders.take() {
+            c.max_pending_orders = positive("MAX_PENDING_ORDERS", &v)?;
+        }
+        if let Some(v) = self.max_pending_units.take() {
+            c.max_pending_units = positive("MAX_PENDING_UNITS", &v)?;
+        }
+        if let Some(v) = self.order_rate_limit.take() {
+            c.order_rate_limit_per_minute = positive("ORDER_RATE_LIMIT", &v)?;
+        }
+        Ok(())
+    }
+
+    /// Tokens, secrets and the limits on signing in.
+    fn access(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = self.admin_token.take() {
             if v.len() < 8 {
                 return Err(bad("ADMIN_TOKEN", "must be at least 8 characters"));
             }
             c.admin_token = Some(Secret(v));
         }
-        if let Some(v) = self.jwt_secret {
+        if let Some(v) = self.jwt_secret.take() {
             if v.len() < 16 {
                 return Err(bad("JWT_SECRET", "must be at least 16 characters"));
             }
             c.jwt_secret = Some(Secret(v));
         }
-        if let Some(v) = self.jwt_lifetime {
+        if let Some(v) = self.jwt_lifetime.take() {
             c.jwt_lifetime = duration("JWT_LIFETIME", &v)?;
             // a token's `exp` is seconds since 1970: a lifetime past a year
             // is a mistake, and a huge one would overflow it
@@ -405,96 +446,93 @@ impl ConfigArgs {
                 return Err(bad("JWT_LIFETIME", format!("{} is too long (at most 365 days)", v.trim())));
             }
         }
-        if let Some(v) = self.db_max_connections {
-            c.db_max_connections = positive("DB_MAX_CONNECTIONS", &v)?;
-        }
-        if let Some(v) = self.db_timeout {
-            c.db_timeout = duration("DB_TIMEOUT", &v)?;
-        }
-        if let Some(v) = self.nudge_interval {
-            c.nudge_interval = duration("NUDGE_INTERVAL", &v)?;
-        }
-        if let Some(v) = self.ws_max_connections {
-            c.ws_max_connections = positive("WS_MAX_CONNECTIONS", &v)?;
-        }
-        if let Some(v) = self.ws_max_subscriptions {
-            c.ws_max_subscriptions = positive("WS_MAX_SUBSCRIPTIONS", &v)?;
-        }
-        if let Some(v) = self.ws_init_timeout {
-            c.ws_init_timeout = duration("WS_INIT_TIMEOUT", &v)?;
-        }
-        if let Some(v) = self.ws_keepalive {
-            c.ws_keepalive = duration("WS_KEEPALIVE", &v)?;
-        }
-        if let Some(v) = self.request_timeout {
-            c.request_timeout = duration("REQUEST_TIMEOUT", &v)?;
-        }
-        if let Some(v) = self.introspection {
-            c.introspection = match v.trim() {
-                "true" | "1" | "on" | "yes" => true,
-                "false" | "0" | "off" | "no" => false,
-                _ => return Err(bad("INTROSPECTION", format!("invalid value {v:?} (expected true or false)"))),
-            };
-        }
-        if let Some(v) = self.demo_dir {
-            c.demo_dir = PathBuf::from(v);
-        }
-        if let Some(v) = self.auth_rate_limit {
+        if let Some(v) = self.auth_rate_limit.take() {
             c.auth_rate_limit_per_minute = positive("AUTH_RATE_LIMIT", &v)?;
         }
-        if let Some(v) = self.log_format {
-            c.log_format = match v.trim() {
-                "human" | "text" | "" => LogFormat::Human,
-                "json" => LogFormat::Json,
-                _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
-            };
-        }
-        if let Some(v) = self.trusted_proxies {
-            c.trusted_proxies = crate::client_addr::parse_cidrs(&v).map_err(|e| bad("TRUSTED_PROXIES", e))?;
-        }
-        if let Some(v) = self.login_rate_limit_per_account {
+        if let Some(v) = self.login_rate_limit_per_account.take() {
             c.login_rate_limit_per_account = positive("LOGIN_RATE_LIMIT_PER_ACCOUNT", &v)?;
         }
-        if let Some(v) = self.max_pending_orders {
-            c.max_pending_orders = positive("MAX_PENDING_ORDERS", &v)?;
-        }
-        if let Some(v) = self.max_pending_units {
-            c.max_pending_units = positive("MAX_PENDING_UNITS", &v)?;
-        }
-        if let Some(v) = self.order_rate_limit {
-            c.order_rate_limit_per_minute = positive("ORDER_RATE_LIMIT", &v)?;
-        }
-        if let Some(v) = self.cors_allowed_origins {
-            c.cors_allowed_origins =
-                Some(crate::cors::AllowedOrigins::parse(&v).map_err(|reason| bad("CORS_ALLOWED_ORIGINS", reason))?);
-        }
-        if let Some(v) = self.catalog_max_age {
-            c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
-        }
-        if let Some(v) = self.catalog_cache_ttl {
-            // zero is allowed here: it turns the cache off
-            c.catalog_cache_ttl = match v.trim() {
-                "0" => Duration::ZERO,
-                raw => humantime::parse_duration(raw).map_err(|_| {
-                    bad("CATALOG_CACHE_TTL", format!("invalid duration {raw:?} (expected e.g. 500ms, 1s, or 0s: off)"))
-                })?,
-            };
-            if c.catalog_cache_ttl > Duration::from_secs(60) {
-                return Err(bad("CATALOG_CACHE_TTL", "must be at most 60s (stock would be shown that stale)"));
-            }
-        }
-        if let Some(v) = self.metrics_token {
+        if let Some(v) = self.metrics_token.take() {
             // a scrape credential that travels in every request: long enough not to be guessed
             if v.len() < 16 || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
                 return Err(bad("METRICS_TOKEN", "must be at least 16 characters without spaces"));
             }
             c.metrics_token = Some(Secret(v));
         }
-        if let Some(v) = self.graphiql {
+        if let Some(v) = self.trusted_proxies.take() {
+            c.trusted_proxies = crate::client_addr::parse_cidrs(&v).map_err(|e| bad("TRUSTED_PROXIES", e))?;
+        }
+        Ok(())
+    }
+
+    /// Where it listens, websockets, time bounds, logs, the demo's files.
+    fn serving(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(a) = self.listen_addr.take() {
+            c.listen_addr = listen_addr(&a)?;
+        }
+        if let Some(v) = self.ws_max_connections.take() {
+            c.ws_max_connections = positive("WS_MAX_CONNECTIONS", &v)?;
+        }
+        if let Some(v) = self.ws_max_subscriptions.take() {
+            c.ws_max_subscriptions = positive("WS_MAX_SUBSCRIPTIONS", &v)?;
+        }
+        if let Some(v) = self.ws_init_timeout.take() {
+            c.ws_init_timeout = duration("WS_INIT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.ws_keepalive.take() {
+            c.ws_keepalive = duration("WS_KEEPALIVE", &v)?;
+        }
+        if let Some(v) = self.request_timeout.take() {
+            c.request_timeout = duration("REQUEST_TIMEOUT", &v)?;
+        }
+        if let Some(v) = self.demo_dir.take() {
+            c.demo_dir = PathBuf::from(v);
+        }
+        if let Some(v) = self.log_format.take() {
+            c.log_format = match v.trim() {
+                "human" | "text" | "" => LogFormat::Human,
+                "json" => LogFormat::Json,
+                _ => return Err(bad("LOG_FORMAT", format!("invalid value {v:?} (expected human or json)"))),
+            };
+        }
+        Ok(())
+    }
+
+    /// What browsers and caches see: introspection, GraphiQL, CORS, caching.
+    fn storefront(&mut self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = self.introspection.take() {
+            c.introspection = boolean("INTROSPECTION", &v)?;
+        }
+        if let Some(v) = self.cors_allowed_origins.take() {
+            c.cors_allowed_origins =
+                Some(crate::cors::AllowedOrigins::parse(&v).map_err(|reason| bad("CORS_ALLOWED_ORIGINS", reason))?);
+        }
+        if let Some(v) = self.catalog_max_age.take() {
+            c.catalog_max_age = duration("CATALOG_MAX_AGE", &v)?;
+        }
+        if let Some(v) = self.catalog_cache_ttl.take() {
+            c.catalog_cache_ttl = catalog_cache_ttl(&v)?;
+        }
+        if let Some(v) = self.graphiql.take() {
             c.graphiql = boolean("GRAPHIQL", &v)?;
         }
-        Ok(c)
+        Ok(())
     }
+}
+
+/// `CATALOG_CACHE_TTL`: a duration of at most a minute, where zero (unlike
+/// every other duration here) is allowed: it turns the cache off.
+fn catalog_cache_ttl(raw: &str) -> Result<Duration, ConfigError> {
+    let ttl = match raw.trim() {
+        "0" => Duration::ZERO,
+        raw => humantime::parse_duration(raw).map_err(|_| {
+            bad("CATALOG_CACHE_TTL", format!("invalid duration {raw:?} (expected e.g. 500ms, 1s, or 0s: off)"))
+        })?,
+    };
+    if ttl > Duration::from_secs(60) {
+        return Err(bad("CATALOG_CACHE_TTL", "must be at most 60s (stock would be shown that stale)"));
+    }
+    Ok(ttl)
 }
 
 /// The longest `ORDER_TTL`: an order holds its stock that long at most,
