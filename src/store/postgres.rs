@@ -5,9 +5,10 @@
 //! each (see [`batch`]).
 
 mod batch;
+mod place;
 mod replica;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -33,53 +34,6 @@ pub struct PgStore {
     /// Orders without idempotency key are placed in batches (group commit).
     batcher: batch::Batcher,
 }
-
-/// One order as one statement: orders with an idempotency key, and orders
-/// of a batch that failed as a whole. `gate` locks the customer and counts
-/// its unpaid orders after that lock (see `lock_pending` in the
-/// pending-limits migration); `locked` waits for `gate`, then takes the row
-/// locks in product id order (the order every transaction here uses, so
-/// none deadlock) and reads the latest stock; `ok` checks every line and
-/// the pending limits; `taken`, `o` and `l` write only when `ok`. The rows
-/// returned are the products as locked (stock before the order), with the
-/// new order's id or NULL, and the customer's unpaid orders before it.
-const PLACE_ORDER: &str = "
-WITH gate AS (
-    SELECT * FROM lock_pending($4, $5)
-), req AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty)
-), locked AS (
-    SELECT p.id, p.stock, p.price_cents, p.currency, req.qty
-    FROM products p JOIN req ON p.id = req.pid
-    WHERE (SELECT n FROM gate) IS NOT NULL
-    ORDER BY p.id
-    FOR UPDATE OF p
-), ok AS (
-    SELECT count(*) = $3
-       AND bool_and(stock >= qty)
-       AND count(DISTINCT currency) = 1
-       AND sum(price_cents::bigint * qty) <= $9
-       AND (SELECT n FROM gate) < $10
-       AND (SELECT units FROM gate) + sum(qty) <= $11 AS ok,
-       sum(price_cents::bigint * qty) AS total,
-       min(currency) AS currency
-    FROM locked
-), taken AS (
-    UPDATE products p SET stock = p.stock - locked.qty
-    FROM locked, ok
-    WHERE ok.ok AND p.id = locked.id
-), o AS (
-    INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
-    SELECT $4, 'PENDING_PAYMENT', ok.total, ok.currency, $5, $6, $7, $8 FROM ok WHERE ok.ok
-    RETURNING id
-), l AS (
-    INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents)
-    SELECT o.id, locked.id, locked.qty, locked.price_cents FROM o, locked
-)
-SELECT locked.id, locked.stock, locked.price_cents, locked.currency, (SELECT id FROM o) AS order_id,
-       (SELECT n FROM gate) AS pending_orders, (SELECT units FROM gate) AS pending_units,
-       (SELECT first_expiry FROM gate) AS first_expiry
-FROM locked";
 
 const ORDER_COLUMNS: &str =
     "id, customer_id, status, total_cents, currency, created_at, expires_at, paid_at, cancelled_at, cancel_reason";
@@ -179,12 +133,12 @@ async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> 
     }
     let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
     let orders = with_lines(&mut **tx, orders).await?;
-    // Sum per product and lock in product-id order, the order in which
-    // `PLACE_ORDER` and the batches' `place_orders` lock (each batch locks
-    // all its products once, before taking any stock), so that none of
-    // them deadlock. The lock is its
-    // own statement: an `UPDATE … FROM` takes its row locks in whatever
-    // order its join reads the table (the soak test caught the deadlock).
+    // Sum per product and lock in product-id order, the order in which the
+    // placements lock (`place::one`, and `place_batch`, which locks all of a
+    // batch's products once, before taking any stock), so that none of them
+    // deadlock. The lock is its own statement: an `UPDATE … FROM` takes its
+    // row locks in whatever order its join reads the table (the soak test
+    // caught the deadlock).
     let mut returned: std::collections::BTreeMap<i64, i32> = Default::default();
     for o in &orders {
         for l in &o.lines {
@@ -253,134 +207,21 @@ impl PgStore {
         Ok(order.map(|order| Placed { order, created: false }))
     }
 
-    /// Places one order with its own statement: orders with an idempotency
-    /// key (a key already used returns its order), and orders of a batch
-    /// that Postgres refused as a whole.
-    async fn place_alone(
+    /// The order the request's idempotency key placed while this request
+    /// was placing it too (the insert hit the unique key): answered with
+    /// that order, as if this request had come second.
+    async fn raced_key(
         &self,
         customer: CustomerId,
         request: &OrderRequest,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        e: sqlx::Error,
     ) -> Result<Placed, PlaceError> {
-        if let Some(placed) = self.order_for_key(customer, request).await? {
-            return Ok(placed);
-        }
-        let mut attempt = 0;
-        loop {
-            match try_place(&self.pool, customer, request, now, expires_at, limits).await {
-                Ok(order) => return Ok(Placed { order, created: true }),
-                Err(PlaceError::Store(StoreError::Database(e))) if is_unique_violation(&e) => {
-                    // the same key raced in from another request: answer with its order
-                    let key = request.idempotency_key.as_deref().unwrap_or_default();
-                    if let Some(placed) = self.existing_for_key(customer, key, request).await? {
-                        return Ok(placed);
-                    }
-                    return Err(PlaceError::Store(StoreError::Database(e)));
-                }
-                Err(PlaceError::Store(StoreError::Database(e))) if is_retryable(&e) && attempt < 5 => attempt += 1,
-                Err(e) => return Err(e),
-            }
+        let key = request.idempotency_key.as_deref().unwrap_or_default();
+        match self.existing_for_key(customer, key, request).await? {
+            Some(placed) => Ok(placed),
+            None => Err(PlaceError::Store(StoreError::Database(e))),
         }
     }
-}
-
-/// Places an order in one statement, so one round trip: lock the lines'
-/// products in id order, check them all, and only if every check passes
-/// take the stock and insert the order and its lines. Either all of it
-/// happens or nothing does; the returned rows say why not.
-async fn try_place(
-    pool: &PgPool,
-    customer: CustomerId,
-    request: &OrderRequest,
-    now: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-    limits: PendingLimits,
-) -> Result<Order, PlaceError> {
-    let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
-    let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
-    let rows = sqlx::query(PLACE_ORDER)
-        .bind(&pids)
-        .bind(&qtys)
-        .bind(pids.len() as i64)
-        .bind(customer.0)
-        .bind(now)
-        .bind(expires_at)
-        .bind(request.idempotency_key.as_deref())
-        .bind(fingerprint(request))
-        .bind(crate::domain::MAX_TOTAL_CENTS)
-        .bind(i64::from(limits.orders))
-        .bind(i64::from(limits.units))
-        .fetch_all(pool)
-        .await?;
-    let order_id: Option<i64> = rows.first().map(|r| r.try_get("order_id")).transpose()?.flatten();
-    let mut found: HashMap<i64, (i32, i32, String)> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        found.insert(r.try_get("id")?, (r.try_get("stock")?, r.try_get("price_cents")?, r.try_get("currency")?));
-    }
-    let Some(id) = order_id else {
-        if let Some((p, _)) = request.lines.iter().find(|(p, _)| !found.contains_key(&p.0)) {
-            return Err(PlaceError::UnknownProduct(*p));
-        }
-        if let Some((p, _)) = request.lines.iter().find(|(p, q)| found[&p.0].0 < q.0) {
-            return Err(PlaceError::InsufficientStock(*p));
-        }
-        let currency = &found[&pids[0]].2;
-        if found.values().any(|(_, _, c)| c != currency) {
-            return Err(PlaceError::MixedCurrencies);
-        }
-        let total: i64 = request.lines.iter().map(|(p, q)| i64::from(found[&p.0].1) * i64::from(q.0)).sum();
-        if total > crate::domain::MAX_TOTAL_CENTS {
-            return Err(PlaceError::TotalTooLarge);
-        }
-        let row = &rows[0];
-        let units = request.lines.iter().map(|(_, q)| i64::from(q.0)).sum();
-        let (orders, held) = (row.try_get("pending_orders")?, row.try_get("pending_units")?);
-        return Err(limits
-            .refusal(orders, held, units, row.try_get("first_expiry")?)
-            .unwrap_or(PlaceError::TotalTooLarge));
-    };
-    let prices: Vec<i32> = request.lines.iter().map(|(p, _)| found[&p.0].1).collect();
-    let currency = found[&pids[0]].2.clone();
-    Ok(placed_order(OrderId(id), customer, request, currency, &prices, now, expires_at))
-}
-
-/// The order as placed, as a later read returns it: `prices` are the lines'
-/// unit prices in the request's line order.
-fn placed_order(
-    id: OrderId,
-    customer: CustomerId,
-    request: &OrderRequest,
-    currency: String,
-    prices: &[i32],
-    now: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-) -> Order {
-    let lines: Vec<OrderLine> = request
-        .lines
-        .iter()
-        .zip(prices)
-        .map(|((p, q), price)| OrderLine { product_id: *p, quantity: q.0, unit_price_cents: *price })
-        .collect();
-    Order {
-        id,
-        customer_id: customer,
-        status: OrderStatus::PendingPayment,
-        total_cents: lines.iter().map(|l| l.unit_price_cents as i64 * l.quantity as i64).sum(),
-        lines,
-        currency,
-        // what the database stores (microsecond precision)
-        created_at: truncate_micros(now),
-        expires_at: truncate_micros(expires_at),
-        paid_at: None,
-        cancelled_at: None,
-        cancel_reason: None,
-    }
-}
-
-pub(crate) fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 #[async_trait]
@@ -493,21 +334,33 @@ impl Store for PgStore {
         expires_at: DateTime<Utc>,
         limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
-        if request.idempotency_key.is_some() {
-            // rare, and their unique-key races are simplest answered one by one
-            return self.place_alone(customer, request, now, expires_at, limits).await;
+        if let Some(placed) = self.order_for_key(customer, request).await? {
+            return Ok(placed);
         }
-        let mut attempt = 0;
+        // Orders with a key are rare and their unique-key races simplest
+        // answered one by one, so they are placed alone; so is an order
+        // whose batch Postgres refused as a whole. A deadlock or
+        // serialization failure wrote nothing: try again, a few times.
+        let mut alone = request.idempotency_key.is_some();
+        let mut retries = 0;
         loop {
-            match self.batcher.place(customer, request, now, expires_at, limits).await {
+            let outcome = if alone {
+                batch::Outcome::Done(place::one(&self.pool, customer, request, now, expires_at, limits).await)
+            } else {
+                self.batcher.place(customer, request, now, expires_at, limits).await
+            };
+            match outcome {
                 batch::Outcome::Done(Ok(order)) => return Ok(Placed { order, created: true }),
+                batch::Outcome::Alone => alone = true,
+                batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e)))) if is_unique_violation(&e) => {
+                    return self.raced_key(customer, request, e).await
+                }
                 batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e))))
-                    if is_retryable(&e) && attempt < 5 =>
+                    if is_retryable(&e) && retries < 5 =>
                 {
-                    attempt += 1
+                    retries += 1
                 }
                 batch::Outcome::Done(Err(e)) => return Err(e),
-                batch::Outcome::Alone => return self.place_alone(customer, request, now, expires_at, limits).await,
             }
         }
     }
