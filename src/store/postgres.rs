@@ -2,29 +2,33 @@
 //! with `FOR UPDATE SKIP LOCKED`, so instances split the work instead of
 //! queueing behind each other, and rows are always locked in id order.
 //! Concurrent orders are placed in batches, one statement and one commit
-//! each (see [`batch`]).
+//! each (see [`place`]).
 
-mod batch;
+mod finish;
 mod place;
 mod replica;
+mod rows;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
-    PgPool, Postgres, Row, Transaction,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool, Row,
 };
 
+use finish::{finish_cancel, record_events};
+use rows::{order_from, product_from, select_product_page, select_products, with_lines};
+
 use super::{
-    attach_lines, cancel_refused, events_from, fingerprint, pay_refused, visible, CancelOutcome, ExpiredBatch,
-    PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
+    cancel_refused, events_from, pay_refused, visible, CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits,
+    PlaceError, Placed, Store, StoreError,
 };
 use crate::auth::Viewer;
 use crate::domain::{
-    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
-    OrderStatus, Product, ProductId,
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderRequest, OrderStatus,
+    Product, ProductId,
 };
 
 pub struct PgStore {
@@ -32,7 +36,7 @@ pub struct PgStore {
     /// Serves the public catalog when configured and usable.
     replica: Option<Arc<replica::Replica>>,
     /// Orders without idempotency key are placed in batches (group commit).
-    batcher: batch::Batcher,
+    batcher: place::Batcher,
 }
 
 const ORDER_COLUMNS: &str =
@@ -55,7 +59,7 @@ impl PgStore {
         // sqlx's migrator holds pg_advisory_lock for the whole run, so
         // instances started together on a fresh database take turns
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        let batcher = batch::Batcher::start(pool.clone(), batch::workers(max_connections));
+        let batcher = place::Batcher::start(pool.clone(), place::workers(max_connections));
         let replica = read.map(|r| replica::Replica::open(&r.url, max_connections, timeout, r.max_lag)).transpose()?;
         Ok(PgStore { pool, replica, batcher })
     }
@@ -65,163 +69,8 @@ impl PgStore {
     }
 }
 
-fn product_from(row: &PgRow) -> Result<Product, sqlx::Error> {
-    Ok(Product {
-        id: ProductId(row.try_get("id")?),
-        sku: row.try_get("sku")?,
-        name: row.try_get("name")?,
-        price_cents: row.try_get("price_cents")?,
-        currency: row.try_get("currency")?,
-        stock: row.try_get("stock")?,
-    })
-}
-
-fn order_from(row: &PgRow) -> Result<Order, sqlx::Error> {
-    let reason: Option<String> = row.try_get("cancel_reason")?;
-    Ok(Order {
-        id: OrderId(row.try_get("id")?),
-        customer_id: CustomerId(row.try_get("customer_id")?),
-        status: super::status_from(row.try_get("status")?)?,
-        lines: Vec::new(),
-        total_cents: row.try_get("total_cents")?,
-        currency: row.try_get("currency")?,
-        created_at: row.try_get("created_at")?,
-        expires_at: row.try_get("expires_at")?,
-        paid_at: row.try_get("paid_at")?,
-        cancelled_at: row.try_get("cancelled_at")?,
-        cancel_reason: super::reason_from(reason.as_deref())?,
-    })
-}
-
-/// Attaches the lines to orders read without them.
-async fn with_lines<'e, E>(exec: E, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = Postgres>,
-{
-    if orders.is_empty() {
-        return Ok(orders);
-    }
-    let ids: Vec<i64> = orders.iter().map(|o| o.id.0).collect();
-    let rows = sqlx::query(
-        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines WHERE order_id = ANY($1) ORDER BY order_id, product_id",
-    )
-    .bind(&ids)
-    .fetch_all(exec)
-    .await?;
-    let lines = rows
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get("order_id")?,
-                OrderLine {
-                    product_id: ProductId(row.try_get("product_id")?),
-                    quantity: row.try_get("quantity")?,
-                    unit_price_cents: row.try_get("unit_price_cents")?,
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    attach_lines(&mut orders, lines);
-    Ok(orders)
-}
-
-/// The part of every cancellation after the winning `UPDATE … RETURNING`:
-/// return the stock of the cancelled orders and record their events.
-async fn finish_cancel(tx: &mut Transaction<'_, Postgres>, rows: Vec<PgRow>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
-    let orders = with_lines(&mut **tx, orders).await?;
-    // Sum per product and lock in product-id order, the order in which the
-    // placements lock (`place::one`, and `place_batch`, which locks all of a
-    // batch's products once, before taking any stock), so that none of them
-    // deadlock. The lock is its own statement: an `UPDATE … FROM` takes its
-    // row locks in whatever order its join reads the table (the soak test
-    // caught the deadlock).
-    let mut returned: std::collections::BTreeMap<i64, i32> = Default::default();
-    for o in &orders {
-        for l in &o.lines {
-            *returned.entry(l.product_id.0).or_default() += l.quantity;
-        }
-    }
-    let (pids, qtys): (Vec<i64>, Vec<i32>) = returned.into_iter().unzip();
-    if pids.len() > 1 {
-        sqlx::query("SELECT 1 FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&pids)
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query(
-        "UPDATE products p SET stock = p.stock + r.qty
-         FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty) ORDER BY pid) r
-         WHERE p.id = r.pid",
-    )
-    .bind(&pids)
-    .bind(&qtys)
-    .execute(&mut **tx)
-    .await?;
-    record_events(tx, orders).await
-}
-
-async fn record_events(tx: &mut Transaction<'_, Postgres>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    let order_ids: Vec<i64> = orders.iter().map(|o| o.id.0).collect();
-    let payloads: Vec<String> = orders.iter().map(|o| serde_json::to_string(o).expect("orders serialise")).collect();
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO outbox (order_id, payload) SELECT * FROM unnest($1::bigint[], $2::text[]) RETURNING id",
-    )
-    .bind(&order_ids)
-    .bind(&payloads)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(ids.into_iter().zip(orders).map(|(event_id, order)| OrderEvent { event_id, order }).collect())
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
-}
-
-fn is_retryable(e: &sqlx::Error) -> bool {
-    // deadlock_detected, serialization_failure
-    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01") | Some("40001")))
-}
-
-impl PgStore {
-    async fn existing_for_key(
-        &self,
-        customer: CustomerId,
-        key: &str,
-        request: &OrderRequest,
-    ) -> Result<Option<Placed>, PlaceError> {
-        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = $1 AND idempotency_key = $2")
-            .bind(customer.0)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fp: String = row.try_get("fingerprint")?;
-        if fp != fingerprint(request) {
-            return Err(PlaceError::IdempotencyConflict);
-        }
-        let order = self.order(OrderId(row.try_get("id")?)).await?;
-        Ok(order.map(|order| Placed { order, created: false }))
-    }
-
-    /// The order the request's idempotency key placed while this request
-    /// was placing it too (the insert hit the unique key): answered with
-    /// that order, as if this request had come second.
-    async fn raced_key(
-        &self,
-        customer: CustomerId,
-        request: &OrderRequest,
-        e: sqlx::Error,
-    ) -> Result<Placed, PlaceError> {
-        let key = request.idempotency_key.as_deref().unwrap_or_default();
-        match self.existing_for_key(customer, key, request).await? {
-            Some(placed) => Ok(placed),
-            None => Err(PlaceError::Store(StoreError::Database(e))),
-        }
-    }
 }
 
 #[async_trait]
@@ -334,35 +183,7 @@ impl Store for PgStore {
         expires_at: DateTime<Utc>,
         limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
-        if let Some(placed) = self.order_for_key(customer, request).await? {
-            return Ok(placed);
-        }
-        // Orders with a key are rare and their unique-key races simplest
-        // answered one by one, so they are placed alone; so is an order
-        // whose batch Postgres refused as a whole. A deadlock or
-        // serialization failure wrote nothing: try again, a few times.
-        let mut alone = request.idempotency_key.is_some();
-        let mut retries = 0;
-        loop {
-            let outcome = if alone {
-                batch::Outcome::Done(place::one(&self.pool, customer, request, now, expires_at, limits).await)
-            } else {
-                self.batcher.place(customer, request, now, expires_at, limits).await
-            };
-            match outcome {
-                batch::Outcome::Done(Ok(order)) => return Ok(Placed { order, created: true }),
-                batch::Outcome::Alone => alone = true,
-                batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e)))) if is_unique_violation(&e) => {
-                    return self.raced_key(customer, request, e).await
-                }
-                batch::Outcome::Done(Err(PlaceError::Store(StoreError::Database(e))))
-                    if is_retryable(&e) && retries < 5 =>
-                {
-                    retries += 1
-                }
-                batch::Outcome::Done(Err(e)) => return Err(e),
-            }
-        }
+        self.place(customer, request, now, expires_at, limits).await
     }
 
     async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {
@@ -555,24 +376,4 @@ impl Store for PgStore {
     async fn outbox_len(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&self.pool).await?)
     }
-}
-
-async fn select_products(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
-    let ids: Vec<i64> = ids.iter().map(|p| p.0).collect();
-    let rows = sqlx::query("SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
-}
-
-async fn select_product_page(pool: &PgPool, after: Option<i64>, limit: usize) -> Result<Vec<Product>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT id, sku, name, price_cents, currency, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2",
-    )
-    .bind(after.unwrap_or(0))
-    .bind(limit as i64)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.iter().map(product_from).collect::<Result<_, _>>()?)
 }

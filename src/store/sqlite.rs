@@ -5,25 +5,30 @@
 //! `SQLITE_BUSY`) while reads use their own pool over WAL. Times are UTC unix
 //! milliseconds; id lists travel as JSON arrays (`json_each`).
 
+mod finish;
 mod place;
+mod rows;
 
 use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     Row, Sqlite, SqlitePool, Transaction,
 };
 
+use finish::{finish_cancel, record_events};
+use rows::{order_from, product_from, with_lines};
+
 use super::{
-    attach_lines, cancel_refused, events_from, pay_refused, reason_from, status_from, visible, CancelOutcome,
-    ExpiredBatch, PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
+    cancel_refused, events_from, pay_refused, visible, CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits,
+    PlaceError, Placed, Store, StoreError,
 };
 use crate::auth::Viewer;
 use crate::domain::{
-    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
-    OrderStatus, Product, ProductId,
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderRequest, OrderStatus,
+    Product, ProductId,
 };
 
 pub struct SqliteStore {
@@ -82,101 +87,6 @@ async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
     sqlx::migrate!("./migrations/sqlite").run(&mut *tx).await?;
     tx.commit().await?;
     Ok(())
-}
-
-fn product_from(row: &SqliteRow) -> Result<Product, sqlx::Error> {
-    Ok(Product {
-        id: ProductId(row.try_get("id")?),
-        sku: row.try_get("sku")?,
-        name: row.try_get("name")?,
-        price_cents: row.try_get("price_cents")?,
-        currency: row.try_get("currency")?,
-        stock: row.try_get("stock")?,
-    })
-}
-
-fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
-    let reason: Option<String> = row.try_get("cancel_reason")?;
-    let status: String = row.try_get("status")?;
-    Ok(Order {
-        id: OrderId(row.try_get("id")?),
-        customer_id: CustomerId(row.try_get("customer_id")?),
-        status: status_from(&status)?,
-        lines: Vec::new(),
-        total_cents: row.try_get("total_cents")?,
-        currency: row.try_get("currency")?,
-        created_at: time(row.try_get("created_at")?),
-        expires_at: time(row.try_get("expires_at")?),
-        paid_at: row.try_get::<Option<i64>, _>("paid_at")?.map(time),
-        cancelled_at: row.try_get::<Option<i64>, _>("cancelled_at")?.map(time),
-        cancel_reason: reason_from(reason.as_deref())?,
-    })
-}
-
-async fn with_lines<'e, E>(exec: E, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = Sqlite>,
-{
-    if orders.is_empty() {
-        return Ok(orders);
-    }
-    let rows = sqlx::query(
-        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines
-         WHERE order_id IN (SELECT value FROM json_each(?1)) ORDER BY order_id, product_id",
-    )
-    .bind(json_ids(orders.iter().map(|o| o.id.0)))
-    .fetch_all(exec)
-    .await?;
-    let lines = rows
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get("order_id")?,
-                OrderLine {
-                    product_id: ProductId(row.try_get("product_id")?),
-                    quantity: row.try_get("quantity")?,
-                    unit_price_cents: row.try_get("unit_price_cents")?,
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    attach_lines(&mut orders, lines);
-    Ok(orders)
-}
-
-/// After the winning `UPDATE … RETURNING`: return stock, record events.
-async fn finish_cancel(tx: &mut Transaction<'_, Sqlite>, rows: Vec<SqliteRow>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
-    let orders = with_lines(&mut **tx, orders).await?;
-    sqlx::query(
-        "UPDATE products SET stock = stock + r.qty
-         FROM (SELECT product_id, SUM(quantity) AS qty FROM order_lines
-               WHERE order_id IN (SELECT value FROM json_each(?1)) GROUP BY product_id) AS r
-         WHERE products.id = r.product_id",
-    )
-    .bind(json_ids(orders.iter().map(|o| o.id.0)))
-    .execute(&mut **tx)
-    .await?;
-    record_events(tx, orders).await
-}
-
-async fn record_events(tx: &mut Transaction<'_, Sqlite>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    let now = ms(Utc::now());
-    let mut events = Vec::with_capacity(orders.len());
-    for order in orders {
-        let event_id: i64 =
-            sqlx::query_scalar("INSERT INTO outbox (order_id, payload, created_at) VALUES (?1, ?2, ?3) RETURNING id")
-                .bind(order.id.0)
-                .bind(serde_json::to_string(&order).expect("orders serialise"))
-                .bind(now)
-                .fetch_one(&mut **tx)
-                .await?;
-        events.push(OrderEvent { event_id, order });
-    }
-    Ok(events)
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{postgres::PgRow, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::place;
+use super::one;
 use crate::domain::{CustomerId, Order, OrderRequest, MAX_TOTAL_CENTS};
 use crate::store::placement::{decide, Pending, PendingLimits, Stocked};
 use crate::store::{fingerprint, PlaceError};
@@ -44,7 +44,7 @@ const QUEUE: usize = 1024;
 /// side by side: 8 vs 3 workers 4,038 vs 4,944 orders/s; 4 vs 2 workers
 /// 4,347 vs 5,356 orders/s (one order per statement: ~2,000/s). It also
 /// leaves most of the pool to the other queries (reads, payments, expiry).
-pub(super) fn workers(max_connections: u32) -> usize {
+pub(in crate::store::postgres) fn workers(max_connections: u32) -> usize {
     (max_connections as usize).div_ceil(4).max(1)
 }
 
@@ -75,13 +75,13 @@ struct Job {
 }
 
 /// The queue's sending side; the workers hold only the receiving side.
-pub(super) struct Batcher {
+pub(in crate::store::postgres) struct Batcher {
     queue: mpsc::Sender<Job>,
 }
 
 impl Batcher {
     /// Starts `workers` worker tasks on the current runtime.
-    pub(super) fn start(pool: PgPool, workers: usize) -> Self {
+    pub(in crate::store::postgres) fn start(pool: PgPool, workers: usize) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..workers.max(1) {
@@ -178,7 +178,7 @@ fn arrays(batch: &[Job]) -> Arrays {
 async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
     if let [job] = batch {
         return vec![Outcome::Done(
-            place::one(pool, job.customer, &job.request, job.created_at, job.expires_at, job.limits).await,
+            one::place(pool, job.customer, &job.request, job.created_at, job.expires_at, job.limits).await,
         )];
     }
     // one process places with one setting; should the limits ever differ
@@ -243,7 +243,7 @@ fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
     };
     let decision = decide(&job.request, &products, pending, job.limits);
     let (customer, request) = (job.customer, &job.request);
-    Ok(Outcome::Done(place::settle(row.try_get("r_id")?, customer, request, decision, job.created_at, job.expires_at)))
+    Ok(Outcome::Done(one::settle(row.try_get("r_id")?, customer, request, decision, job.created_at, job.expires_at)))
 }
 
 /// The same failure for every order of the batch: the first gets the error
