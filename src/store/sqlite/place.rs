@@ -29,11 +29,7 @@ impl SqliteStore {
             return Ok(placed);
         }
         let mut tx = self.begin().await?;
-        let products = products(&mut tx, request).await?;
-        let pending = match limits {
-            PendingLimits::NONE => Pending::default(),
-            _ => pending(&mut tx, customer, now).await?,
-        };
+        let (products, pending) = facts(&mut tx, customer, request, now, limits).await?;
         let accepted = match decide(request, &products, pending, limits) {
             Ok(accepted) => accepted,
             Err(refusal) => {
@@ -79,47 +75,53 @@ impl SqliteStore {
     }
 }
 
-/// Each line's product as it is now (`None`: no such product), in line order.
-async fn products(
+/// The facts of a placement, read in one statement (each statement costs
+/// thread hand-offs while the single writer is held): each line's product
+/// as it is now (`None`: no such product), in line order, and what the
+/// customer's unpaid orders (pending, deadline after `now`) hold, counted
+/// only when there are limits to judge them by.
+async fn facts(
     tx: &mut Transaction<'static, Sqlite>,
+    customer: CustomerId,
     request: &OrderRequest,
-) -> Result<Vec<Option<Stocked>>, sqlx::Error> {
+    now: DateTime<Utc>,
+    limits: PendingLimits,
+) -> Result<(Vec<Option<Stocked>>, Pending), sqlx::Error> {
+    // `g` is always one row, so the customer's counts arrive even when no
+    // line names a product that exists
     let rows = sqlx::query(
-        "SELECT id, stock, price_cents, currency FROM products WHERE id IN (SELECT value FROM json_each(?1))",
+        "SELECT p.id, p.stock, p.price_cents, p.currency, g.n, g.units, g.first_expiry
+         FROM (SELECT count(*) AS n, min(o.expires_at) AS first_expiry,
+                      coalesce(sum((SELECT sum(l.quantity) FROM order_lines l WHERE l.order_id = o.id)), 0) AS units
+               FROM orders o
+               WHERE ?3 AND o.customer_id = ?1 AND o.status = 'PENDING_PAYMENT' AND o.expires_at > ?2) AS g
+         LEFT JOIN products p ON p.id IN (SELECT value FROM json_each(?4))",
     )
+    .bind(customer.0)
+    .bind(ms(now))
+    .bind(limits != PendingLimits::NONE)
     .bind(json_ids(request.lines.iter().map(|(p, _)| p.0)))
     .fetch_all(&mut **tx)
     .await?;
     let mut found: HashMap<i64, Stocked> = HashMap::with_capacity(rows.len());
     for r in &rows {
-        let stocked = Stocked {
-            stock: r.try_get("stock")?,
-            price_cents: r.try_get("price_cents")?,
-            currency: r.try_get("currency")?,
-        };
-        found.insert(r.try_get("id")?, stocked);
+        if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
+            let stocked = Stocked {
+                stock: r.try_get("stock")?,
+                price_cents: r.try_get("price_cents")?,
+                currency: r.try_get("currency")?,
+            };
+            found.insert(id, stocked);
+        }
     }
-    Ok(request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect())
-}
-
-/// What the customer's unpaid orders (pending, deadline after `now`) hold.
-async fn pending(
-    tx: &mut Transaction<'static, Sqlite>,
-    customer: CustomerId,
-    now: DateTime<Utc>,
-) -> Result<Pending, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT count(*) AS n, min(o.expires_at) AS first_expiry,
-                coalesce(sum((SELECT sum(l.quantity) FROM order_lines l WHERE l.order_id = o.id)), 0) AS units
-         FROM orders o
-         WHERE o.customer_id = ?1 AND o.status = 'PENDING_PAYMENT' AND o.expires_at > ?2",
-    )
-    .bind(customer.0)
-    .bind(ms(now))
-    .fetch_one(&mut **tx)
-    .await?;
-    let first_expiry: Option<i64> = row.try_get("first_expiry")?;
-    Ok(Pending { orders: row.try_get("n")?, units: row.try_get("units")?, first_expiry: first_expiry.map(time) })
+    let pending = match rows.first() {
+        Some(r) => {
+            let first_expiry: Option<i64> = r.try_get("first_expiry")?;
+            Pending { orders: r.try_get("n")?, units: r.try_get("units")?, first_expiry: first_expiry.map(time) }
+        }
+        None => Pending::default(),
+    };
+    Ok((request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect(), pending))
 }
 
 /// Writes an accepted order: its stock taken, its row and its lines.
