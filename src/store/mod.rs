@@ -4,7 +4,9 @@
 //! order is one conditional transaction here: `pay_order`, `cancel_order`,
 //! `cancel_expired` and `cancel_overdue` all update `WHERE status =
 //! 'PENDING_PAYMENT'`, so whoever changes the row first wins, and only the
-//! winner returns stock and records the event in the outbox.
+//! winner returns stock and records the event in the outbox. Whether an
+//! order may be placed, and which refusal it gets, is decided once for both
+//! backends in [`placement`].
 
 use std::sync::Arc;
 
@@ -17,8 +19,11 @@ use crate::domain::{
     Product, ProductId,
 };
 
+pub mod placement;
 pub mod postgres;
 pub mod sqlite;
+
+pub use placement::PendingLimits;
 
 /// What can go wrong below the domain.
 #[derive(Debug, thiserror::Error)]
@@ -81,37 +86,6 @@ impl From<sqlx::Error> for PlaceError {
 pub struct Placed {
     pub order: Order,
     pub created: bool,
-}
-
-/// What one customer's unpaid (pending, not yet past their deadline)
-/// orders may hold at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingLimits {
-    pub orders: u32,
-    pub units: u32,
-}
-
-impl PendingLimits {
-    /// No limit: for tools and tests that place orders directly.
-    pub const NONE: PendingLimits = PendingLimits { orders: u32::MAX, units: u32::MAX };
-
-    /// The refusal for a customer holding `orders` unpaid orders of `units`
-    /// units (the earliest expiring at `free_at`) who asks for `new_units` more.
-    pub fn refusal(
-        self,
-        orders: i64,
-        units: i64,
-        new_units: i64,
-        free_at: Option<DateTime<Utc>>,
-    ) -> Option<PlaceError> {
-        if orders >= i64::from(self.orders) {
-            return Some(PlaceError::TooManyPending { max: self.orders, free_at });
-        }
-        if units + new_units > i64::from(self.units) {
-            return Some(PlaceError::TooManyUnits { max: self.units, would_hold: units + new_units, free_at });
-        }
-        None
-    }
 }
 
 #[derive(Debug)]

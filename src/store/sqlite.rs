@@ -5,23 +5,30 @@
 //! `SQLITE_BUSY`) while reads use their own pool over WAL. Times are UTC unix
 //! milliseconds; id lists travel as JSON arrays (`json_each`).
 
+mod finish;
+mod place;
+mod rows;
+
 use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     Row, Sqlite, SqlitePool, Transaction,
 };
 
+use finish::{finish_cancel, record_events};
+use rows::{order_from, product_from, with_lines};
+
 use super::{
-    attach_lines, cancel_refused, events_from, fingerprint, pay_refused, reason_from, status_from, visible,
-    CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits, PlaceError, Placed, Store, StoreError,
+    cancel_refused, events_from, pay_refused, visible, CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits,
+    PlaceError, Placed, Store, StoreError,
 };
 use crate::auth::Viewer;
 use crate::domain::{
-    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderLine, OrderRequest,
-    OrderStatus, Product, ProductId,
+    CancelReason, Customer, CustomerId, Email, NewProduct, Order, OrderEvent, OrderId, OrderRequest, OrderStatus,
+    Product, ProductId,
 };
 
 pub struct SqliteStore {
@@ -82,152 +89,8 @@ async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn product_from(row: &SqliteRow) -> Result<Product, sqlx::Error> {
-    Ok(Product {
-        id: ProductId(row.try_get("id")?),
-        sku: row.try_get("sku")?,
-        name: row.try_get("name")?,
-        price_cents: row.try_get("price_cents")?,
-        currency: row.try_get("currency")?,
-        stock: row.try_get("stock")?,
-    })
-}
-
-fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
-    let reason: Option<String> = row.try_get("cancel_reason")?;
-    let status: String = row.try_get("status")?;
-    Ok(Order {
-        id: OrderId(row.try_get("id")?),
-        customer_id: CustomerId(row.try_get("customer_id")?),
-        status: status_from(&status)?,
-        lines: Vec::new(),
-        total_cents: row.try_get("total_cents")?,
-        currency: row.try_get("currency")?,
-        created_at: time(row.try_get("created_at")?),
-        expires_at: time(row.try_get("expires_at")?),
-        paid_at: row.try_get::<Option<i64>, _>("paid_at")?.map(time),
-        cancelled_at: row.try_get::<Option<i64>, _>("cancelled_at")?.map(time),
-        cancel_reason: reason_from(reason.as_deref())?,
-    })
-}
-
-async fn with_lines<'e, E>(exec: E, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = Sqlite>,
-{
-    if orders.is_empty() {
-        return Ok(orders);
-    }
-    let rows = sqlx::query(
-        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines
-         WHERE order_id IN (SELECT value FROM json_each(?1)) ORDER BY order_id, product_id",
-    )
-    .bind(json_ids(orders.iter().map(|o| o.id.0)))
-    .fetch_all(exec)
-    .await?;
-    let lines = rows
-        .iter()
-        .map(|row| {
-            Ok((
-                row.try_get("order_id")?,
-                OrderLine {
-                    product_id: ProductId(row.try_get("product_id")?),
-                    quantity: row.try_get("quantity")?,
-                    unit_price_cents: row.try_get("unit_price_cents")?,
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    attach_lines(&mut orders, lines);
-    Ok(orders)
-}
-
-/// After the winning `UPDATE … RETURNING`: return stock, record events.
-async fn finish_cancel(tx: &mut Transaction<'_, Sqlite>, rows: Vec<SqliteRow>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let orders = rows.iter().map(order_from).collect::<Result<Vec<_>, _>>()?;
-    let orders = with_lines(&mut **tx, orders).await?;
-    sqlx::query(
-        "UPDATE products SET stock = stock + r.qty
-         FROM (SELECT product_id, SUM(quantity) AS qty FROM order_lines
-               WHERE order_id IN (SELECT value FROM json_each(?1)) GROUP BY product_id) AS r
-         WHERE products.id = r.product_id",
-    )
-    .bind(json_ids(orders.iter().map(|o| o.id.0)))
-    .execute(&mut **tx)
-    .await?;
-    record_events(tx, orders).await
-}
-
-async fn record_events(tx: &mut Transaction<'_, Sqlite>, orders: Vec<Order>) -> Result<Vec<OrderEvent>, sqlx::Error> {
-    let now = ms(Utc::now());
-    let mut events = Vec::with_capacity(orders.len());
-    for order in orders {
-        let event_id: i64 =
-            sqlx::query_scalar("INSERT INTO outbox (order_id, payload, created_at) VALUES (?1, ?2, ?3) RETURNING id")
-                .bind(order.id.0)
-                .bind(serde_json::to_string(&order).expect("orders serialise"))
-                .bind(now)
-                .fetch_one(&mut **tx)
-                .await?;
-        events.push(OrderEvent { event_id, order });
-    }
-    Ok(events)
-}
-
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
-
-impl SqliteStore {
-    async fn existing_for_key(
-        &self,
-        customer: CustomerId,
-        key: &str,
-        request: &OrderRequest,
-    ) -> Result<Option<Placed>, PlaceError> {
-        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = ?1 AND idempotency_key = ?2")
-            .bind(customer.0)
-            .bind(key)
-            .fetch_optional(&self.writer)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fp: String = row.try_get("fingerprint")?;
-        if fp != fingerprint(request) {
-            return Err(PlaceError::IdempotencyConflict);
-        }
-        let order = self.order(OrderId(row.try_get("id")?)).await?;
-        Ok(order.map(|order| Placed { order, created: false }))
-    }
-}
-
-/// Why the customer may not hold one more unpaid order of `new_units`
-/// units, if so. Runs inside the placement's write transaction: SQLite has
-/// one writer, so no other placement can change the count meanwhile.
-async fn pending_refusal(
-    tx: &mut Transaction<'static, Sqlite>,
-    customer: CustomerId,
-    now: DateTime<Utc>,
-    new_units: i64,
-    limits: PendingLimits,
-) -> Result<Option<PlaceError>, sqlx::Error> {
-    if limits == PendingLimits::NONE {
-        return Ok(None);
-    }
-    let row = sqlx::query(
-        "SELECT count(*) AS n, min(o.expires_at) AS first_expiry,
-                coalesce(sum((SELECT sum(l.quantity) FROM order_lines l WHERE l.order_id = o.id)), 0) AS units
-         FROM orders o
-         WHERE o.customer_id = ?1 AND o.status = 'PENDING_PAYMENT' AND o.expires_at > ?2",
-    )
-    .bind(customer.0)
-    .bind(ms(now))
-    .fetch_one(&mut **tx)
-    .await?;
-    let first_expiry: Option<i64> = row.try_get("first_expiry")?;
-    Ok(limits.refusal(row.try_get("n")?, row.try_get("units")?, new_units, first_expiry.map(time)))
 }
 
 #[async_trait]
@@ -336,104 +199,7 @@ impl Store for SqliteStore {
         expires_at: DateTime<Utc>,
         limits: PendingLimits,
     ) -> Result<Placed, PlaceError> {
-        if let Some(placed) = self.order_for_key(customer, request).await? {
-            return Ok(placed);
-        }
-        let mut tx = self.begin().await?;
-        let mut lines = Vec::with_capacity(request.lines.len());
-        let mut currency: Option<String> = None;
-        let mut total: i64 = 0;
-        for (pid, qty) in &request.lines {
-            let row = sqlx::query(
-                "UPDATE products SET stock = stock - ?2 WHERE id = ?1 AND stock >= ?2 RETURNING price_cents, currency",
-            )
-            .bind(pid.0)
-            .bind(qty.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else {
-                let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM products WHERE id = ?1")
-                    .bind(pid.0)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                return Err(match exists {
-                    Some(_) => PlaceError::InsufficientStock(*pid),
-                    None => PlaceError::UnknownProduct(*pid),
-                });
-            };
-            let price: i32 = row.try_get("price_cents")?;
-            let cur: String = row.try_get("currency")?;
-            if currency.get_or_insert_with(|| cur.clone()) != &cur {
-                tx.rollback().await?;
-                return Err(PlaceError::MixedCurrencies);
-            }
-            total += price as i64 * qty.0 as i64;
-            lines.push(OrderLine { product_id: *pid, quantity: qty.0, unit_price_cents: price });
-        }
-        if total > crate::domain::MAX_TOTAL_CENTS {
-            tx.rollback().await?;
-            return Err(PlaceError::TotalTooLarge);
-        }
-        let units = lines.iter().map(|l| i64::from(l.quantity)).sum();
-        if let Some(refusal) = pending_refusal(&mut tx, customer, now, units, limits).await? {
-            tx.rollback().await?;
-            return Err(refusal);
-        }
-        let currency = currency.unwrap_or_default();
-        let inserted = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, idempotency_key, fingerprint)
-             VALUES (?1, 'PENDING_PAYMENT', ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
-        )
-        .bind(customer.0)
-        .bind(total)
-        .bind(&currency)
-        .bind(ms(now))
-        .bind(ms(expires_at))
-        .bind(request.idempotency_key.as_deref())
-        .bind(fingerprint(request))
-        .fetch_one(&mut *tx)
-        .await;
-        let id = match inserted {
-            Ok(id) => id,
-            Err(e) if is_unique_violation(&e) => {
-                tx.rollback().await?;
-                let key = request.idempotency_key.as_deref().unwrap_or_default();
-                return match self.existing_for_key(customer, key, request).await? {
-                    Some(placed) => Ok(placed),
-                    None => Err(e.into()),
-                };
-            }
-            Err(e) => return Err(e.into()),
-        };
-        for l in &lines {
-            sqlx::query(
-                "INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(id)
-            .bind(l.product_id.0)
-            .bind(l.quantity)
-            .bind(l.unit_price_cents)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(Placed {
-            order: Order {
-                id: OrderId(id),
-                customer_id: customer,
-                status: OrderStatus::PendingPayment,
-                lines,
-                total_cents: total,
-                currency,
-                created_at: time(ms(now)),
-                expires_at: time(ms(expires_at)),
-                paid_at: None,
-                cancelled_at: None,
-                cancel_reason: None,
-            },
-            created: true,
-        })
+        self.place(customer, request, now, expires_at, limits).await
     }
 
     async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {

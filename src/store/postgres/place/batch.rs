@@ -5,7 +5,7 @@
 //! and its WAL flush. So placements go to a queue, and a fixed set of worker
 //! tasks each take one waiting placement plus whatever else is already
 //! waiting (at most [`MAX_BATCH`]) and place them all with one call of the
-//! `place_orders` function: one round trip and one commit for the batch.
+//! `place_batch` function: one round trip and one commit for the batch.
 //! A worker never waits for more work to arrive, so with one placement
 //! waiting the batch is that one order and adds no latency; a batch of one
 //! takes the single-order statement, which costs Postgres less than the
@@ -26,8 +26,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{postgres::PgRow, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::domain::{CustomerId, Order, OrderId, OrderRequest, ProductId, MAX_TOTAL_CENTS};
-use crate::store::{fingerprint, PendingLimits, PlaceError};
+use super::one;
+use crate::domain::{CustomerId, Order, OrderRequest, MAX_TOTAL_CENTS};
+use crate::store::placement::{decide, Pending, PendingLimits, Stocked};
+use crate::store::{fingerprint, PlaceError};
 
 /// The most orders placed by one statement: enough to amortise the commit,
 /// small enough that the batch's row locks are held briefly.
@@ -42,14 +44,15 @@ const QUEUE: usize = 1024;
 /// side by side: 8 vs 3 workers 4,038 vs 4,944 orders/s; 4 vs 2 workers
 /// 4,347 vs 5,356 orders/s (one order per statement: ~2,000/s). It also
 /// leaves most of the pool to the other queries (reads, payments, expiry).
-pub(super) fn workers(max_connections: u32) -> usize {
+pub(in crate::store::postgres) fn workers(max_connections: u32) -> usize {
     (max_connections as usize).div_ceil(4).max(1)
 }
 
-/// `place_orders_limited` returns one row per order of the batch, in order.
-const PLACE_ORDERS: &str = "SELECT r_order, r_id, r_currency, r_prices, r_refusal, r_product, r_free_at, r_units
-FROM place_orders_limited($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[],
-                          $7::int[], $8, $9, $10)";
+/// `place_batch` returns one row per order of the batch, in order: the new
+/// order's id (or NULL) and the facts it was judged on.
+const PLACE_BATCH: &str = "SELECT r_id, r_stock, r_price, r_currency, r_pending, r_units, r_first_expiry
+FROM place_batch($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[],
+                 $7::int[], $8, $9, $10)";
 
 /// What happened to one order of a batch.
 #[derive(Debug)]
@@ -72,13 +75,13 @@ struct Job {
 }
 
 /// The queue's sending side; the workers hold only the receiving side.
-pub(super) struct Batcher {
+pub(in crate::store::postgres) struct Batcher {
     queue: mpsc::Sender<Job>,
 }
 
 impl Batcher {
     /// Starts `workers` worker tasks on the current runtime.
-    pub(super) fn start(pool: PgPool, workers: usize) -> Self {
+    pub(in crate::store::postgres) fn start(pool: PgPool, workers: usize) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..workers.max(1) {
@@ -133,7 +136,7 @@ async fn next_batch(rx: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
     Some(batch)
 }
 
-/// The batch as `place_orders`'s parallel arrays.
+/// The batch as `place_batch`'s parallel arrays.
 struct Arrays {
     customers: Vec<i64>,
     created: Vec<DateTime<Utc>>,
@@ -175,7 +178,7 @@ fn arrays(batch: &[Job]) -> Arrays {
 async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
     if let [job] = batch {
         return vec![Outcome::Done(
-            super::try_place(pool, job.customer, &job.request, job.created_at, job.expires_at, job.limits).await,
+            one::place(pool, job.customer, &job.request, job.created_at, job.expires_at, job.limits).await,
         )];
     }
     // one process places with one setting; should the limits ever differ
@@ -185,7 +188,7 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
         return batch.iter().map(|_| Outcome::Alone).collect();
     }
     let a = arrays(batch);
-    let res = sqlx::query(PLACE_ORDERS)
+    let res = sqlx::query(PLACE_BATCH)
         .bind(&a.customers)
         .bind(&a.created)
         .bind(&a.expires)
@@ -206,7 +209,7 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
         Err(e) => return failed(e, batch.len()),
     };
     if rows.len() != batch.len() {
-        let e = format!("place_orders answered {} rows for {} orders", rows.len(), batch.len());
+        let e = format!("place_batch answered {} rows for {} orders", rows.len(), batch.len());
         return failed(sqlx::Error::Protocol(e), batch.len());
     }
     match rows.iter().zip(batch).map(|(row, job)| outcome(row, job)).collect::<Result<Vec<_>, _>>() {
@@ -215,40 +218,32 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
     }
 }
 
-/// One row of `place_orders` as the order placed or the reason it was refused.
+/// One row of `place_batch` as the order placed or the reason it was
+/// refused, decided from the facts the row carries.
 fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
-    if let Some(id) = row.try_get::<Option<i64>, _>("r_id")? {
-        let prices: Vec<i32> = row.try_get("r_prices")?;
-        if prices.len() != job.request.lines.len() {
-            return Err(sqlx::Error::Protocol("place_orders: one price per line expected".into()));
-        }
-        let (customer, request) = (job.customer, &job.request);
-        let order = super::placed_order(
-            OrderId(id),
-            customer,
-            request,
-            row.try_get("r_currency")?,
-            &prices,
-            job.created_at,
-            job.expires_at,
-        );
-        return Ok(Outcome::Done(Ok(order)));
+    let stock: Vec<Option<i32>> = row.try_get("r_stock")?;
+    let price: Vec<Option<i32>> = row.try_get("r_price")?;
+    let currency: Vec<Option<String>> = row.try_get("r_currency")?;
+    let n = job.request.lines.len();
+    if stock.len() != n || price.len() != n || currency.len() != n {
+        return Err(sqlx::Error::Protocol("place_batch: one fact per line expected".into()));
     }
-    let product = || -> Result<ProductId, sqlx::Error> { Ok(ProductId(row.try_get("r_product")?)) };
-    let refusal = match row.try_get::<String, _>("r_refusal")?.as_str() {
-        "UNKNOWN_PRODUCT" => PlaceError::UnknownProduct(product()?),
-        "INSUFFICIENT_STOCK" => PlaceError::InsufficientStock(product()?),
-        "MIXED_CURRENCIES" => PlaceError::MixedCurrencies,
-        "TOTAL_TOO_LARGE" => PlaceError::TotalTooLarge,
-        "TOO_MANY_PENDING" => PlaceError::TooManyPending { max: job.limits.orders, free_at: row.try_get("r_free_at")? },
-        "TOO_MANY_UNITS" => PlaceError::TooManyUnits {
-            max: job.limits.units,
-            would_hold: row.try_get::<Option<i64>, _>("r_units")?.unwrap_or_default(),
-            free_at: row.try_get("r_free_at")?,
-        },
-        other => return Err(sqlx::Error::Protocol(format!("place_orders: unknown refusal {other:?}"))),
+    let products: Vec<Option<Stocked>> = stock
+        .into_iter()
+        .zip(price)
+        .zip(currency)
+        .map(|((stock, price_cents), currency)| {
+            Some(Stocked { stock: stock?, price_cents: price_cents?, currency: currency? })
+        })
+        .collect();
+    let pending = Pending {
+        orders: row.try_get("r_pending")?,
+        units: row.try_get("r_units")?,
+        first_expiry: row.try_get("r_first_expiry")?,
     };
-    Ok(Outcome::Done(Err(refusal)))
+    let decision = decide(&job.request, &products, pending, job.limits);
+    let (customer, request) = (job.customer, &job.request);
+    Ok(Outcome::Done(one::settle(row.try_get("r_id")?, customer, request, decision, job.created_at, job.expires_at)))
 }
 
 /// The same failure for every order of the batch: the first gets the error
