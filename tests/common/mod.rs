@@ -120,12 +120,12 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
 /// The Redis for tests: `REDIS_URL`, the default address, or one private
 /// `redis-server` per test process.
 pub async fn redis_url() -> String {
-    static URL: tokio::sync::OnceCell<(String, Option<shopgraph::redis_server::PrivateRedis>)> =
+    static URL: tokio::sync::OnceCell<(String, Option<shopgraph::redis::server::PrivateRedis>)> =
         tokio::sync::OnceCell::const_new();
     let (url, _) = URL
         .get_or_init(|| async {
             let configured = std::env::var("REDIS_URL").ok();
-            shopgraph::redis_server::resolve(configured.as_deref()).await.expect("a Redis for tests")
+            shopgraph::redis::server::resolve(configured.as_deref()).await.expect("a Redis for tests")
         })
         .await;
     url.clone()
