@@ -32,9 +32,9 @@ async fn status(app: &TestApp, id: &str) -> Value {
 }
 
 both_stores! {
-    an_unpaid_order_is_cancelled_by_the_listener_soon_after_its_deadline => |app: TestApp| async move {
+    an_unpaid_order_is_cancelled_by_the_listener_soon_after_its_deadline
+        with |c| c.order_ttl = Duration::from_secs(1) => |app: TestApp| async move {
         // the sweep runs once an hour here: only the keyspace event can cancel in time
-        let app = app_with(app, |c| c.order_ttl = Duration::from_secs(1)).await;
         let a = app.create_product("A", 100, 10).await;
         let (token, _) = app.customer().await;
         let mut ws = watcher(&app).await;
@@ -51,8 +51,9 @@ both_stores! {
         assert_eq!(app.stock(&a).await, 10);
     };
 
-    a_paid_order_is_never_cancelled => |app: TestApp| async move {
-        let app = app_with(app, |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(300); }).await;
+    a_paid_order_is_never_cancelled
+        with |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(300); }
+        => |app: TestApp| async move {
         let a = app.create_product("A", 100, 10).await;
         let (token, _) = app.customer().await;
         let id = app.order_id(&token, &[(&a, 2)]).await;
@@ -63,8 +64,9 @@ both_stores! {
         assert_eq!(app.stock(&a).await, 8);
     };
 
-    paying_at_the_deadline_ends_paid_or_cancelled_never_both => |app: TestApp| async move {
-        let app = app_with(app, |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(500); }).await;
+    paying_at_the_deadline_ends_paid_or_cancelled_never_both
+        with |c| { c.order_ttl = Duration::from_secs(1); c.sweep_interval = Duration::from_millis(500); }
+        => |app: TestApp| async move {
         let a = app.create_product("A", 100, 10_000).await;
         let (token, _) = app.customer().await;
         let mut ids = Vec::new();
@@ -107,14 +109,6 @@ both_stores! {
         }
         assert_eq!(app.stock(&a).await, 10_000 - 3 * paid);
     };
-}
-
-/// Rebuilds a test app with a different configuration on the same kind of
-/// database (a fresh one).
-async fn app_with(app: TestApp, tweak: impl FnOnce(&mut shopgraph::Config)) -> TestApp {
-    let backend = if app.config.database_url.starts_with("sqlite") { Backend::Sqlite } else { Backend::Postgres };
-    app.stop().await;
-    common::spawn_app_with(backend, tweak).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

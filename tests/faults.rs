@@ -18,7 +18,7 @@ use common::{
     pg_cluster::PrivatePostgres,
     redis::PrivateRedis,
     ws::WsClient,
-    Backend, ADMIN, JWT_SECRET,
+    Backend, TestApp, ADMIN, JWT_SECRET,
 };
 use futures_util::StreamExt;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -275,16 +275,17 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
 
 /// `FLUSHALL` while orders are pending removes every expiry key and the
 /// deadline index: the sweep still cancels each order on time, once.
-async fn flushall_with_orders_pending(backend: Backend) {
+async fn flushall_with_orders_pending(app: TestApp) {
     let redis = PrivateRedis::start(&[]).await;
     let url = redis.url.clone();
     let sweep = Duration::from_secs(2);
-    let app = common::spawn_app_with(backend, |c| {
-        c.redis_url = Some(url);
-        c.order_ttl = Duration::from_secs(2);
-        c.sweep_interval = sweep;
-    })
-    .await;
+    let app = app
+        .restart_with(|c| {
+            c.redis_url = Some(url);
+            c.order_ttl = Duration::from_secs(2);
+            c.sweep_interval = sweep;
+        })
+        .await;
     let a = app.create_product("A", 100, 50).await;
     let (token, _) = app.customer().await;
     let mut ws = watcher(&app.ws_url).await;
@@ -316,17 +317,8 @@ async fn flushall_with_orders_pending(backend: Backend) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushall_with_orders_pending_sqlite() {
-    flushall_with_orders_pending(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushall_with_orders_pending_postgres() {
-    if common::skip_without_postgres() {
-        return;
-    }
-    flushall_with_orders_pending(Backend::Postgres).await;
+both_stores! {
+    flushall_with_orders_pending => super::flushall_with_orders_pending;
 }
 
 /// What the soak's traffic saw that it should not have.

@@ -215,6 +215,20 @@ impl TestApp {
         app
     }
 
+    /// Stops this server and starts another on the same database with its
+    /// configuration changed: for a test on both stores whose server needs
+    /// something made first (a private Redis), which a tweak given to
+    /// `both_stores!` cannot start.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        let db = self._db.take();
+        self.stop().await;
+        let mut app = start(config).await;
+        app._db = db;
+        app
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -360,18 +374,34 @@ where
     }
 }
 
-/// Runs one test body against SQLite and Postgres (skipped, with a
-/// `SKIPPED:` line, when `TEST_DATABASE_URL` is not set).
+/// Runs each test body against SQLite and Postgres (the Postgres half is
+/// skipped, with a `SKIPPED:` line, when `TEST_DATABASE_URL` is not set).
+/// Each body gets a fresh [`TestApp`]; `with <tweak>` changes the test
+/// configuration first (a closure on `&mut Config`):
+///
+/// ```ignore
+/// both_stores! {
+///     plain => |app: TestApp| async move { /* … */ };
+///     short_ttl with |c| c.order_ttl = Duration::from_secs(1) => |app: TestApp| async move { /* … */ };
+/// }
+/// ```
+///
+/// The tests land in modules `sqlite` and `postgres`, so a file (or module)
+/// says it once.
 #[macro_export]
 macro_rules! both_stores {
-    ($($name:ident => $body:expr;)+) => {
+    ($($name:ident $(with $tweak:expr)? => $body:expr;)+) => {
         mod sqlite {
             #[allow(unused_imports)]
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let app = common::spawn_app(common::Backend::Sqlite).await;
+                    let app = $crate::common::spawn_app_with(
+                        $crate::common::Backend::Sqlite,
+                        $crate::both_stores!(@tweak $($tweak)?),
+                    )
+                    .await;
                     ($body)(app).await;
                 }
             )+
@@ -382,13 +412,19 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if common::skip_without_postgres() {
+                    if $crate::common::skip_without_postgres() {
                         return;
                     }
-                    let app = common::spawn_app(common::Backend::Postgres).await;
+                    let app = $crate::common::spawn_app_with(
+                        $crate::common::Backend::Postgres,
+                        $crate::both_stores!(@tweak $($tweak)?),
+                    )
+                    .await;
                     ($body)(app).await;
                 }
             )+
         }
     };
+    (@tweak) => { |_: &mut shopgraph::Config| {} };
+    (@tweak $tweak:expr) => { $tweak };
 }
