@@ -375,25 +375,11 @@ async fn soak_two_instances_mixed_traffic_keeps_every_invariant() {
     // enough that the traffic never runs out (paid orders keep theirs)
     let units = 1_000 * secs.max(10) as i64;
     for (i, stock) in [units, units, 4 * units].iter().enumerate() {
-        let d = one
-            .data(
-                Some(ADMIN),
-                "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
-                json!({"i": {"sku": format!("SOAK-{i}"), "name": "Soak", "priceCents": 100 + i, "currency": "USD", "stock": stock}}),
-            )
-            .await;
-        products.push((d["createProduct"]["id"].as_str().unwrap().to_string(), *stock));
+        products.push((one.create_product(&format!("SOAK-{i}"), 100 + i as i64, *stock).await, *stock));
     }
     let mut customers = Vec::new();
-    for i in 0..3 {
-        let d = two
-            .data(
-                None,
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }",
-                json!({"e": format!("soak-{i}@example.com")}),
-            )
-            .await;
-        customers.push(d["registerCustomer"]["token"].as_str().unwrap().to_string());
+    for _ in 0..3 {
+        customers.push(two.customer().await.0);
     }
 
     // the admin's feed of every cancellation, on the second instance

@@ -784,25 +784,8 @@ async fn identical_subscriptions_share_one_execution_and_each_subscriber_still_g
         ("JWT_SECRET", JWT_SECRET.into()),
     ])
     .await;
-    let product = server
-        .data(
-            Some(ADMIN),
-            "mutation { createProduct(input: {sku: \"SH-1\", name: \"S\", priceCents: 100, currency: \"USD\", stock: 10}) { id } }",
-            json!({}),
-        )
-        .await["createProduct"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let register = |email: &'static str| {
-        let server = &server;
-        async move {
-            let q =
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }";
-            server.data(None, q, json!({"e": email})).await["registerCustomer"]["token"].as_str().unwrap().to_string()
-        }
-    };
-    let (token_a, token_b) = (register("a@example.com").await, register("b@example.com").await);
+    let product = server.create_product("SH-1", 100, 10).await;
+    let (token_a, token_b) = (server.customer().await.0, server.customer().await.0);
     let place = |token: String| {
         let (server, product) = (&server, product.clone());
         async move {

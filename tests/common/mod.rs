@@ -5,15 +5,18 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod client;
 pub mod pg_cluster;
 pub mod redis;
 pub mod ws;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use shopgraph::{store::Store, App, Config};
 use tokio::sync::oneshot;
+
+pub use client::Client;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
@@ -135,11 +138,11 @@ pub fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::new_v4().simple())
 }
 
+/// An in-process server; its [`Client`] (`url`, `ws_url`, `http` and the
+/// request helpers) through `Deref`.
 pub struct TestApp {
-    pub url: String,
-    pub ws_url: String,
+    pub client: Client,
     pub addr: std::net::SocketAddr,
-    pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
@@ -193,10 +196,8 @@ pub async fn start(config: Config) -> TestApp {
         let _ = rx.await;
     }));
     TestApp {
-        url: format!("http://{addr}"),
-        ws_url: format!("ws://{addr}/graphql"),
+        client: Client::new(format!("http://{addr}")),
         addr,
-        http: reqwest::Client::new(),
         store,
         config,
         stop: Some(tx),
@@ -238,118 +239,13 @@ impl TestApp {
             let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
         }
     }
+}
 
-    /// Waits until `/readyz` says 200 and the event fan-out is subscribed,
-    /// so that events published by other instances reach this one.
-    pub async fn wait_ready(&self) {
-        let url = format!("{}/readyz", self.url);
-        eventually(Duration::from_secs(10), || async {
-            let res = self.http.get(&url).send().await.ok()?;
-            let ok = res.status().is_success();
-            let body: Value = res.json().await.ok()?;
-            (ok && body["events"] == "up").then_some(())
-        })
-        .await
-    }
+impl std::ops::Deref for TestApp {
+    type Target = Client;
 
-    /// Sends a GraphQL document; returns the whole JSON response.
-    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut req =
-            self.http.post(format!("{}/graphql", self.url)).json(&json!({"query": query, "variables": variables}));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request sent");
-        res.json().await.expect("JSON response")
-    }
-
-    /// Like `gql`, but panics on errors and returns `data`.
-    pub async fn data(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let v = self.gql(token, query, variables).await;
-        assert!(v.get("errors").is_none(), "unexpected errors: {v}");
-        v["data"].clone()
-    }
-
-    pub async fn create_product(&self, sku: &str, price_cents: i64, stock: i64) -> String {
-        self.create_product_in(sku, price_cents, "USD", stock).await
-    }
-
-    pub async fn create_product_in(&self, sku: &str, price_cents: i64, currency: &str, stock: i64) -> String {
-        let d = self
-            .data(
-                Some(ADMIN),
-                "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
-                json!({"i": {"sku": sku, "name": format!("Product {sku}"), "priceCents": price_cents, "currency": currency, "stock": stock}}),
-            )
-            .await;
-        d["createProduct"]["id"].as_str().unwrap().to_string()
-    }
-
-    /// Registers a customer with a unique email; returns (token, customer id).
-    pub async fn customer(&self) -> (String, String) {
-        let email = format!("c-{}@example.com", uuid::Uuid::new_v4().simple());
-        let d = self
-            .data(
-                None,
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token customer { id } } }",
-                json!({"e": email}),
-            )
-            .await;
-        (
-            d["registerCustomer"]["token"].as_str().unwrap().to_string(),
-            d["registerCustomer"]["customer"]["id"].as_str().unwrap().to_string(),
-        )
-    }
-
-    pub async fn create_order(&self, token: &str, lines: &[(&str, i64)]) -> Value {
-        let lines: Vec<Value> = lines.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect();
-        self.gql(
-            Some(token),
-            "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id status totalCents currency expiresAt createdAt } }",
-            json!({"i": {"lines": lines}}),
-        )
-        .await
-    }
-
-    /// Places an order that must succeed; returns its id.
-    pub async fn order_id(&self, token: &str, lines: &[(&str, i64)]) -> String {
-        let v = self.create_order(token, lines).await;
-        v["data"]["createOrder"]["id"].as_str().unwrap_or_else(|| panic!("order not placed: {v}")).to_string()
-    }
-
-    /// The Prometheus text of `/metrics` (asked with the test `METRICS_TOKEN`).
-    pub async fn metrics(&self) -> String {
-        let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(METRICS_TOKEN);
-        req.send().await.unwrap().text().await.unwrap()
-    }
-
-    pub async fn stock(&self, product: &str) -> i64 {
-        let d = self.data(None, "query($id: ID!) { product(id: $id) { stock } }", json!({"id": product})).await;
-        d["product"]["stock"].as_i64().unwrap()
-    }
-
-    pub async fn order(&self, token: &str, id: &str) -> Value {
-        let d = self
-            .data(
-                Some(token),
-                "query($id: ID!) { order(id: $id) { id status cancelReason paidAt cancelledAt expiresAt } }",
-                json!({"id": id}),
-            )
-            .await;
-        d["order"].clone()
-    }
-
-    pub async fn pay(&self, token: &str, id: &str) -> Value {
-        self.gql(Some(token), "mutation($id: ID!) { payOrder(id: $id) { id status paidAt } }", json!({"id": id})).await
-    }
-
-    pub async fn cancel(&self, token: &str, id: &str) -> Value {
-        self.gql(
-            Some(token),
-            "mutation($id: ID!) { cancelOrder(id: $id) { id status cancelReason } }",
-            json!({"id": id}),
-        )
-        .await
+    fn deref(&self) -> &Client {
+        &self.client
     }
 }
 
