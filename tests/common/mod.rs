@@ -13,7 +13,7 @@ pub mod ws;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use serde_json::Value;
-use shopgraph::{store::Store, App, Config};
+use shopgraph::{orders::Orders, store::Store, App, Config};
 use tokio::sync::oneshot;
 
 pub use client::Client;
@@ -144,6 +144,9 @@ pub struct TestApp {
     pub client: Client,
     pub addr: std::net::SocketAddr,
     pub store: Arc<dyn Store>,
+    /// The domain the server runs, for tests that drive a background step
+    /// (`sweep_once`) themselves.
+    pub orders: Arc<Orders>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -191,6 +194,7 @@ pub async fn start(config: Config) -> TestApp {
     let app = App::build(config.clone()).await.expect("app builds");
     let addr = app.addr;
     let store = app.store.clone();
+    let orders = app.orders.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run(async move {
         let _ = rx.await;
@@ -199,6 +203,7 @@ pub async fn start(config: Config) -> TestApp {
         client: Client::new(format!("http://{addr}")),
         addr,
         store,
+        orders,
         config,
         stop: Some(tx),
         handle: Some(handle),
