@@ -226,14 +226,22 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
             .await;
         assert_eq!(d["cancelOrder"]["status"], "CANCELLED");
     }
-    // and a burst still in flight when the process dies
+    // and a burst still in flight when the process dies: each worker says
+    // when its first order was answered, and goes on placing more
     let mut burst = Vec::new();
+    let (answering, mut first_answers) = tokio::sync::mpsc::channel::<()>(4);
     for w in 0..4 {
         let (url, token, a) = (doomed.url.clone(), token.clone(), a.clone());
+        let mut answering = Some(answering.clone());
         burst.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut n = 0;
             loop {
+                if n > 0 {
+                    if let Some(tx) = answering.take() {
+                        let _ = tx.send(()).await;
+                    }
+                }
                 let res = http
                     .post(format!("{url}/graphql"))
                     .bearer_auth(&token)
@@ -247,7 +255,15 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(answering);
+    // every worker is being answered: orders are in flight when it dies
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..4 {
+            first_answers.recv().await.expect("a burst worker failed before its first order was answered");
+        }
+    })
+    .await
+    .expect("the burst reached the doomed instance within 10 s");
     doomed.kill();
     let mut answered = 0;
     for t in burst {
