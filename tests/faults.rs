@@ -26,12 +26,13 @@ use serde_json::{json, Value};
 
 const CANCELLED_SUB: &str = "subscription { orderCancelled { reason cancelledAt order { id status } } }";
 
-/// An admin subscriber to every cancellation, live once this returns.
+/// An admin subscriber to every cancellation, a member of its shared
+/// execution once this returns. That execution's task may not have joined
+/// the broadcast yet ([`WsClient::barrier`]); every event these tests wait
+/// for comes from orders placed afterwards, seconds before they cancel.
 async fn watcher(ws_url: &str) -> WsClient {
     let mut ws = WsClient::init(ws_url, "graphql-transport-ws", Some(ADMIN)).await;
     ws.subscribe("all", CANCELLED_SUB, json!({})).await;
-    // the subscription joins the broadcast on its first poll, which happens
-    // no later than the barrier query's
     ws.barrier().await;
     ws
 }
