@@ -52,8 +52,3 @@ pub mod ws;
 
 pub use app::App;
 pub use config::Config;
-
-/// The paths these modules had before [`redis`]; `tests/common` still names
-/// them. Remove once the test harness uses `redis::client` and `redis::server`.
-#[doc(hidden)]
-pub use self::redis::{client as redis_client, server as redis_server};

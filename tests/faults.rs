@@ -18,7 +18,7 @@ use common::{
     pg_cluster::PrivatePostgres,
     redis::PrivateRedis,
     ws::WsClient,
-    Backend, ADMIN, JWT_SECRET,
+    Backend, TestApp, ADMIN, JWT_SECRET,
 };
 use futures_util::StreamExt;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -26,12 +26,13 @@ use serde_json::{json, Value};
 
 const CANCELLED_SUB: &str = "subscription { orderCancelled { reason cancelledAt order { id status } } }";
 
-/// An admin subscriber to every cancellation, live once this returns.
+/// An admin subscriber to every cancellation, a member of its shared
+/// execution once this returns. That execution's task may not have joined
+/// the broadcast yet ([`WsClient::barrier`]); every event these tests wait
+/// for comes from orders placed afterwards, seconds before they cancel.
 async fn watcher(ws_url: &str) -> WsClient {
     let mut ws = WsClient::init(ws_url, "graphql-transport-ws", Some(ADMIN)).await;
     ws.subscribe("all", CANCELLED_SUB, json!({})).await;
-    // the subscription joins the broadcast on its first poll, which happens
-    // no later than the barrier query's
     ws.barrier().await;
     ws
 }
@@ -226,14 +227,22 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
             .await;
         assert_eq!(d["cancelOrder"]["status"], "CANCELLED");
     }
-    // and a burst still in flight when the process dies
+    // and a burst still in flight when the process dies: each worker says
+    // when its first order was answered, and goes on placing more
     let mut burst = Vec::new();
+    let (answering, mut first_answers) = tokio::sync::mpsc::channel::<()>(4);
     for w in 0..4 {
         let (url, token, a) = (doomed.url.clone(), token.clone(), a.clone());
+        let mut answering = Some(answering.clone());
         burst.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut n = 0;
             loop {
+                if n > 0 {
+                    if let Some(tx) = answering.take() {
+                        let _ = tx.send(()).await;
+                    }
+                }
                 let res = http
                     .post(format!("{url}/graphql"))
                     .bearer_auth(&token)
@@ -247,7 +256,15 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(answering);
+    // every worker is being answered: orders are in flight when it dies
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..4 {
+            first_answers.recv().await.expect("a burst worker failed before its first order was answered");
+        }
+    })
+    .await
+    .expect("the burst reached the doomed instance within 10 s");
     doomed.kill();
     let mut answered = 0;
     for t in burst {
@@ -275,16 +292,17 @@ async fn an_instance_killed_with_sigkill_loses_no_pending_order() {
 
 /// `FLUSHALL` while orders are pending removes every expiry key and the
 /// deadline index: the sweep still cancels each order on time, once.
-async fn flushall_with_orders_pending(backend: Backend) {
+async fn flushall_with_orders_pending(app: TestApp) {
     let redis = PrivateRedis::start(&[]).await;
     let url = redis.url.clone();
     let sweep = Duration::from_secs(2);
-    let app = common::spawn_app_with(backend, |c| {
-        c.redis_url = Some(url);
-        c.order_ttl = Duration::from_secs(2);
-        c.sweep_interval = sweep;
-    })
-    .await;
+    let app = app
+        .restart_with(|c| {
+            c.redis_url = Some(url);
+            c.order_ttl = Duration::from_secs(2);
+            c.sweep_interval = sweep;
+        })
+        .await;
     let a = app.create_product("A", 100, 50).await;
     let (token, _) = app.customer().await;
     let mut ws = watcher(&app.ws_url).await;
@@ -316,17 +334,8 @@ async fn flushall_with_orders_pending(backend: Backend) {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushall_with_orders_pending_sqlite() {
-    flushall_with_orders_pending(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushall_with_orders_pending_postgres() {
-    if common::skip_without_postgres() {
-        return;
-    }
-    flushall_with_orders_pending(Backend::Postgres).await;
+both_stores! {
+    flushall_with_orders_pending => super::flushall_with_orders_pending;
 }
 
 /// What the soak's traffic saw that it should not have.
@@ -383,25 +392,11 @@ async fn soak_two_instances_mixed_traffic_keeps_every_invariant() {
     // enough that the traffic never runs out (paid orders keep theirs)
     let units = 1_000 * secs.max(10) as i64;
     for (i, stock) in [units, units, 4 * units].iter().enumerate() {
-        let d = one
-            .data(
-                Some(ADMIN),
-                "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
-                json!({"i": {"sku": format!("SOAK-{i}"), "name": "Soak", "priceCents": 100 + i, "currency": "USD", "stock": stock}}),
-            )
-            .await;
-        products.push((d["createProduct"]["id"].as_str().unwrap().to_string(), *stock));
+        products.push((one.create_product(&format!("SOAK-{i}"), 100 + i as i64, *stock).await, *stock));
     }
     let mut customers = Vec::new();
-    for i in 0..3 {
-        let d = two
-            .data(
-                None,
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }",
-                json!({"e": format!("soak-{i}@example.com")}),
-            )
-            .await;
-        customers.push(d["registerCustomer"]["token"].as_str().unwrap().to_string());
+    for _ in 0..3 {
+        customers.push(two.customer().await.0);
     }
 
     // the admin's feed of every cancellation, on the second instance

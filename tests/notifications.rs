@@ -48,31 +48,9 @@ async fn readiness(s: &ChildServer) -> (u16, Value) {
 
 /// Places an order for one unit of a new product; returns its id.
 async fn place_order(s: &ChildServer) -> String {
-    let p = s
-        .data(
-            Some(ADMIN),
-            "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
-            json!({"i": {"sku": uuid::Uuid::new_v4().simple().to_string(), "name": "A", "priceCents": 100, "currency": "USD", "stock": 5}}),
-        )
-        .await["createProduct"]["id"]
-        .clone();
-    let email = format!("c-{}@example.com", uuid::Uuid::new_v4().simple());
-    let d = s
-        .data(
-            None,
-            "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }",
-            json!({"e": email}),
-        )
-        .await;
-    let token = d["registerCustomer"]["token"].as_str().unwrap().to_string();
-    let d = s
-        .data(
-            Some(&token),
-            "mutation($p: ID!) { createOrder(input: {lines: [{productId: $p, quantity: 1}]}) { id } }",
-            json!({"p": p}),
-        )
-        .await;
-    d["createOrder"]["id"].as_str().unwrap().to_string()
+    let p = s.create_product(&uuid::Uuid::new_v4().simple().to_string(), 100, 5).await;
+    let (token, _) = s.customer().await;
+    s.order_id(&token, &[(&p, 1)]).await
 }
 
 /// Waits for the order to be cancelled; returns how long after its

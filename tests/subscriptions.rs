@@ -29,39 +29,15 @@ const ORDER_UPDATED: &str =
 /// How long a socket must stay quiet to show that no duplicate follows.
 const QUIET: Duration = Duration::from_secs(1);
 
-/// Runs `body(backend)` on SQLite and on Postgres (skipped, and said so,
-/// when `TEST_DATABASE_URL` is not set).
-macro_rules! on_sqlite_and_postgres {
-    ($($name:ident => $body:ident;)+) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$body(crate::common::Backend::Sqlite).await;
-                }
-            )+
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if crate::common::skip_without_postgres() {
-                        return;
-                    }
-                    super::$body(crate::common::Backend::Postgres).await;
-                }
-            )+
-        }
-    };
-}
-
-on_sqlite_and_postgres! {
-    an_order_left_to_expire_sends_exactly_one_order_cancelled_event_in_both_protocols => expiry_sends_one_event;
+both_stores! {
+    an_order_left_to_expire_sends_exactly_one_order_cancelled_event_in_both_protocols
+        with |c| c.order_ttl = Duration::from_secs(1) => expiry_sends_one_event;
     order_updated_sends_the_snapshot_first_then_the_final_status_and_completes => order_updated_then_final;
     order_updated_on_an_order_that_is_already_final_sends_the_snapshot_and_completes => order_updated_on_a_final_order;
     order_cancelled_narrowed_to_one_order_receives_only_that_order => order_cancelled_narrowed_to_one_order;
     a_customer_receives_nothing_of_another_customers_orders_and_cannot_subscribe_to_them => customers_are_isolated;
-    a_subscriber_on_one_instance_sees_cancellations_made_on_another_exactly_once => two_instances_share_events;
+    a_subscriber_on_one_instance_sees_cancellations_made_on_another_exactly_once
+        with |c| c.order_ttl = Duration::from_secs(2) => two_instances_share_events;
     after_a_redis_outage_subscribers_get_the_current_state_and_every_missed_event_once => redis_outage_catch_up;
 }
 
@@ -106,8 +82,7 @@ async fn all_silent(clients: &mut [WsClient], quiet: Duration) {
 // ---------------------------------------------------------------------------
 // events
 
-async fn expiry_sends_one_event(backend: Backend) {
-    let app = common::spawn_app_with(backend, |c| c.order_ttl = Duration::from_secs(1)).await;
+async fn expiry_sends_one_event(app: TestApp) {
     app.wait_ready().await;
     let (product, token, customer) = shop(&app).await;
 
@@ -132,8 +107,7 @@ async fn expiry_sends_one_event(backend: Backend) {
     assert_eq!(app.stock(&product).await, 1_000_000, "the stock came back");
 }
 
-async fn order_updated_then_final(backend: Backend) {
-    let app = common::spawn_app(backend).await;
+async fn order_updated_then_final(app: TestApp) {
     let (product, token, _) = shop(&app).await;
     for protocol in PROTOCOLS {
         // paid
@@ -168,8 +142,7 @@ async fn order_updated_then_final(backend: Backend) {
     }
 }
 
-async fn order_updated_on_a_final_order(backend: Backend) {
-    let app = common::spawn_app(backend).await;
+async fn order_updated_on_a_final_order(app: TestApp) {
     let (product, token, _) = shop(&app).await;
     let paid = app.order_id(&token, &[(&product, 1)]).await;
     assert!(app.pay(&token, &paid).await.get("errors").is_none());
@@ -189,8 +162,7 @@ async fn order_updated_on_a_final_order(backend: Backend) {
     }
 }
 
-async fn order_cancelled_narrowed_to_one_order(backend: Backend) {
-    let app = common::spawn_app(backend).await;
+async fn order_cancelled_narrowed_to_one_order(app: TestApp) {
     let (product, token, _) = shop(&app).await;
     let watched = app.order_id(&token, &[(&product, 1)]).await;
     let other = app.order_id(&token, &[(&product, 1)]).await;
@@ -210,8 +182,7 @@ async fn order_cancelled_narrowed_to_one_order(backend: Backend) {
     all_silent(&mut clients, Duration::from_millis(300)).await;
 }
 
-async fn customers_are_isolated(backend: Backend) {
-    let app = common::spawn_app(backend).await;
+async fn customers_are_isolated(app: TestApp) {
     let (product, token_a, _) = shop(&app).await;
     let (token_b, _) = app.customer().await;
     let a_order = app.order_id(&token_a, &[(&product, 1)]).await;
@@ -248,8 +219,7 @@ async fn customers_are_isolated(backend: Backend) {
     all_silent(&mut clients, Duration::from_millis(300)).await;
 }
 
-async fn two_instances_share_events(backend: Backend) {
-    let a = common::spawn_app_with(backend, |c| c.order_ttl = Duration::from_secs(2)).await;
+async fn two_instances_share_events(a: TestApp) {
     let b = a.sibling().await;
     a.wait_ready().await;
     b.wait_ready().await;
@@ -295,10 +265,11 @@ async fn two_instances_share_events(backend: Backend) {
     a.stop().await;
 }
 
-async fn redis_outage_catch_up(backend: Backend) {
+async fn redis_outage_catch_up(app: TestApp) {
+    // the servers need this Redis in their configuration from the start
     let mut redis = PrivateRedis::start(&[]).await;
     let url = redis.url.clone();
-    let a = common::spawn_app_with(backend, |c| c.redis_url = Some(url)).await;
+    let a = app.restart_with(|c| c.redis_url = Some(url)).await;
     let b = a.sibling().await;
     a.wait_ready().await;
     b.wait_ready().await;
@@ -813,25 +784,8 @@ async fn identical_subscriptions_share_one_execution_and_each_subscriber_still_g
         ("JWT_SECRET", JWT_SECRET.into()),
     ])
     .await;
-    let product = server
-        .data(
-            Some(ADMIN),
-            "mutation { createProduct(input: {sku: \"SH-1\", name: \"S\", priceCents: 100, currency: \"USD\", stock: 10}) { id } }",
-            json!({}),
-        )
-        .await["createProduct"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let register = |email: &'static str| {
-        let server = &server;
-        async move {
-            let q =
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token } }";
-            server.data(None, q, json!({"e": email})).await["registerCustomer"]["token"].as_str().unwrap().to_string()
-        }
-    };
-    let (token_a, token_b) = (register("a@example.com").await, register("b@example.com").await);
+    let product = server.create_product("SH-1", 100, 10).await;
+    let (token_a, token_b) = (server.customer().await.0, server.customer().await.0);
     let place = |token: String| {
         let (server, product) = (&server, product.clone());
         async move {

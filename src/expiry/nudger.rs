@@ -14,6 +14,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
 use redis::{aio::ConnectionManager, AsyncCommands, Script};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,12 +27,16 @@ use crate::domain::OrderId;
 pub const CLAIM_BATCH: usize = 2000;
 
 /// Claims members whose deadline is strictly before Redis's current
-/// millisecond: Redis expires a key only once `now > deadline`, so a member
-/// claimed in its deadline's own millisecond would be touched while its key
-/// still lives (and then wait for Redis's sampling or the sweep).
+/// millisecond (or `ARGV[2]`, a given one): Redis expires a key only once
+/// `now > deadline`, so a member claimed in its deadline's own millisecond
+/// would be touched while its key still lives (and then wait for Redis's
+/// sampling or the sweep).
 const CLAIM_DUE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
 local ids = {}
 for i = 1, #due, 2 do ids[#ids + 1] = due[i] end
@@ -66,11 +71,18 @@ impl Nudger {
         Nudger { conn, keys, script: Script::new(CLAIM_DUE), fallback }
     }
 
-    /// Claims due deadlines and touches their keys.
-    pub async fn nudge_once(&self) -> redis::RedisResult<Claimed> {
+    /// Claims due deadlines and touches their keys. "Due" is by Redis's
+    /// clock (`now: None`, as [`Nudger::run`] asks), the one that decides
+    /// when a key expires; a test gives its own `now` to claim without
+    /// waiting for a deadline.
+    pub async fn nudge_once(&self, now: Option<DateTime<Utc>>) -> redis::RedisResult<Claimed> {
         let mut conn = self.conn.clone();
-        let due: Vec<(i64, i64)> =
-            self.script.key(self.keys.deadlines()).arg(CLAIM_BATCH).invoke_async(&mut conn).await?;
+        let mut claim = self.script.key(self.keys.deadlines());
+        claim.arg(CLAIM_BATCH);
+        if let Some(now) = now {
+            claim.arg(now.timestamp_millis());
+        }
+        let due: Vec<(i64, i64)> = claim.invoke_async(&mut conn).await?;
         if due.is_empty() {
             return Ok(Claimed::default());
         }
@@ -104,7 +116,7 @@ impl Nudger {
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
         let mut failing = false;
         loop {
-            let claimed = self.nudge_once().await;
+            let claimed = self.nudge_once(None).await;
             let full = matches!(&claimed, Ok(c) if c.due == CLAIM_BATCH);
             match claimed {
                 Ok(c) => {

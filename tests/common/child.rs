@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{json, Value};
+use super::Client;
 
 /// Every setting the binary reads, cleared from the inherited environment so
 /// that only what a test passes applies.
@@ -57,10 +57,10 @@ const SETTINGS: &[&str] = &[
     "WS_ANONYMOUS_IDLE_TIMEOUT",
 ];
 
+/// A child process; its [`Client`] (`url`, `ws_url`, `http` and the request
+/// helpers [`super::TestApp`] has) through `Deref`.
 pub struct ChildServer {
-    pub url: String,
-    pub ws_url: String,
-    pub http: reqwest::Client,
+    pub client: Client,
     pub pid: u32,
     child: Option<Child>,
     stderr: PathBuf,
@@ -96,21 +96,12 @@ impl ChildServer {
         // owned (and so killed on drop) before the first await: a start
         // dropped half-way, by a panic or a sibling failing in a `join!`,
         // leaves no server behind
-        let mut server = ChildServer {
-            url: String::new(),
-            ws_url: String::new(),
-            http: reqwest::Client::new(),
-            pid,
-            child: Some(child),
-            stderr,
-            _dir: dir,
-        };
+        let mut server = ChildServer { client: Client::new(String::new()), pid, child: Some(child), stderr, _dir: dir };
         let url = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
             .await
             .expect("reader thread")
             .unwrap_or_else(|_| panic!("the child did not print `listening on`; stderr:\n{}", server.logs()));
-        server.ws_url = format!("{}/graphql", url.replacen("http://", "ws://", 1));
-        server.url = url;
+        server.client = Client::new(url);
         server
     }
 
@@ -146,26 +137,13 @@ impl ChildServer {
         .unwrap();
         status.is_some_and(|s| s.success())
     }
+}
 
-    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut req =
-            self.http.post(format!("{}/graphql", self.url)).json(&json!({"query": query, "variables": variables}));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        req.send().await.expect("request sent").json().await.expect("JSON response")
-    }
+impl std::ops::Deref for ChildServer {
+    type Target = Client;
 
-    pub async fn data(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let v = self.gql(token, query, variables).await;
-        assert!(v.get("errors").is_none(), "unexpected errors: {v}");
-        v["data"].clone()
-    }
-
-    /// The Prometheus text of `/metrics` (asked with the test `METRICS_TOKEN`).
-    pub async fn metrics(&self) -> String {
-        let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(super::METRICS_TOKEN);
-        req.send().await.unwrap().text().await.unwrap()
+    fn deref(&self) -> &Client {
+        &self.client
     }
 }
 

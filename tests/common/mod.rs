@@ -5,15 +5,18 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod client;
 pub mod pg_cluster;
 pub mod redis;
 pub mod ws;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use serde_json::{json, Value};
-use shopgraph::{store::Store, App, Config};
+use serde_json::Value;
+use shopgraph::{orders::Orders, store::Store, App, Config};
 use tokio::sync::oneshot;
+
+pub use client::Client;
 
 pub const ADMIN: &str = "test-admin-token";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
@@ -120,12 +123,12 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
 /// The Redis for tests: `REDIS_URL`, the default address, or one private
 /// `redis-server` per test process.
 pub async fn redis_url() -> String {
-    static URL: tokio::sync::OnceCell<(String, Option<shopgraph::redis_server::PrivateRedis>)> =
+    static URL: tokio::sync::OnceCell<(String, Option<shopgraph::redis::server::PrivateRedis>)> =
         tokio::sync::OnceCell::const_new();
     let (url, _) = URL
         .get_or_init(|| async {
             let configured = std::env::var("REDIS_URL").ok();
-            shopgraph::redis_server::resolve(configured.as_deref()).await.expect("a Redis for tests")
+            shopgraph::redis::server::resolve(configured.as_deref()).await.expect("a Redis for tests")
         })
         .await;
     url.clone()
@@ -135,12 +138,15 @@ pub fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::new_v4().simple())
 }
 
+/// An in-process server; its [`Client`] (`url`, `ws_url`, `http` and the
+/// request helpers) through `Deref`.
 pub struct TestApp {
-    pub url: String,
-    pub ws_url: String,
+    pub client: Client,
     pub addr: std::net::SocketAddr,
-    pub http: reqwest::Client,
     pub store: Arc<dyn Store>,
+    /// The domain the server runs, for tests that drive a background step
+    /// (`sweep_once`) themselves.
+    pub orders: Arc<Orders>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -188,16 +194,16 @@ pub async fn start(config: Config) -> TestApp {
     let app = App::build(config.clone()).await.expect("app builds");
     let addr = app.addr;
     let store = app.store.clone();
+    let orders = app.orders.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(app.run(async move {
         let _ = rx.await;
     }));
     TestApp {
-        url: format!("http://{addr}"),
-        ws_url: format!("ws://{addr}/graphql"),
+        client: Client::new(format!("http://{addr}")),
         addr,
-        http: reqwest::Client::new(),
         store,
+        orders,
         config,
         stop: Some(tx),
         handle: Some(handle),
@@ -215,6 +221,20 @@ impl TestApp {
         app
     }
 
+    /// Stops this server and starts another on the same database with its
+    /// configuration changed: for a test on both stores whose server needs
+    /// something made first (a private Redis), which a tweak given to
+    /// `both_stores!` cannot start.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        let db = self._db.take();
+        self.stop().await;
+        let mut app = start(config).await;
+        app._db = db;
+        app
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -224,118 +244,13 @@ impl TestApp {
             let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
         }
     }
+}
 
-    /// Waits until `/readyz` says 200 and the event fan-out is subscribed,
-    /// so that events published by other instances reach this one.
-    pub async fn wait_ready(&self) {
-        let url = format!("{}/readyz", self.url);
-        eventually(Duration::from_secs(10), || async {
-            let res = self.http.get(&url).send().await.ok()?;
-            let ok = res.status().is_success();
-            let body: Value = res.json().await.ok()?;
-            (ok && body["events"] == "up").then_some(())
-        })
-        .await
-    }
+impl std::ops::Deref for TestApp {
+    type Target = Client;
 
-    /// Sends a GraphQL document; returns the whole JSON response.
-    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let mut req =
-            self.http.post(format!("{}/graphql", self.url)).json(&json!({"query": query, "variables": variables}));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.expect("request sent");
-        res.json().await.expect("JSON response")
-    }
-
-    /// Like `gql`, but panics on errors and returns `data`.
-    pub async fn data(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
-        let v = self.gql(token, query, variables).await;
-        assert!(v.get("errors").is_none(), "unexpected errors: {v}");
-        v["data"].clone()
-    }
-
-    pub async fn create_product(&self, sku: &str, price_cents: i64, stock: i64) -> String {
-        self.create_product_in(sku, price_cents, "USD", stock).await
-    }
-
-    pub async fn create_product_in(&self, sku: &str, price_cents: i64, currency: &str, stock: i64) -> String {
-        let d = self
-            .data(
-                Some(ADMIN),
-                "mutation($i: CreateProductInput!) { createProduct(input: $i) { id } }",
-                json!({"i": {"sku": sku, "name": format!("Product {sku}"), "priceCents": price_cents, "currency": currency, "stock": stock}}),
-            )
-            .await;
-        d["createProduct"]["id"].as_str().unwrap().to_string()
-    }
-
-    /// Registers a customer with a unique email; returns (token, customer id).
-    pub async fn customer(&self) -> (String, String) {
-        let email = format!("c-{}@example.com", uuid::Uuid::new_v4().simple());
-        let d = self
-            .data(
-                None,
-                "mutation($e: String!) { registerCustomer(email: $e, password: \"correct horse battery\") { token customer { id } } }",
-                json!({"e": email}),
-            )
-            .await;
-        (
-            d["registerCustomer"]["token"].as_str().unwrap().to_string(),
-            d["registerCustomer"]["customer"]["id"].as_str().unwrap().to_string(),
-        )
-    }
-
-    pub async fn create_order(&self, token: &str, lines: &[(&str, i64)]) -> Value {
-        let lines: Vec<Value> = lines.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect();
-        self.gql(
-            Some(token),
-            "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id status totalCents currency expiresAt createdAt } }",
-            json!({"i": {"lines": lines}}),
-        )
-        .await
-    }
-
-    /// Places an order that must succeed; returns its id.
-    pub async fn order_id(&self, token: &str, lines: &[(&str, i64)]) -> String {
-        let v = self.create_order(token, lines).await;
-        v["data"]["createOrder"]["id"].as_str().unwrap_or_else(|| panic!("order not placed: {v}")).to_string()
-    }
-
-    /// The Prometheus text of `/metrics` (asked with the test `METRICS_TOKEN`).
-    pub async fn metrics(&self) -> String {
-        let req = self.http.get(format!("{}/metrics", self.url)).bearer_auth(METRICS_TOKEN);
-        req.send().await.unwrap().text().await.unwrap()
-    }
-
-    pub async fn stock(&self, product: &str) -> i64 {
-        let d = self.data(None, "query($id: ID!) { product(id: $id) { stock } }", json!({"id": product})).await;
-        d["product"]["stock"].as_i64().unwrap()
-    }
-
-    pub async fn order(&self, token: &str, id: &str) -> Value {
-        let d = self
-            .data(
-                Some(token),
-                "query($id: ID!) { order(id: $id) { id status cancelReason paidAt cancelledAt expiresAt } }",
-                json!({"id": id}),
-            )
-            .await;
-        d["order"].clone()
-    }
-
-    pub async fn pay(&self, token: &str, id: &str) -> Value {
-        self.gql(Some(token), "mutation($id: ID!) { payOrder(id: $id) { id status paidAt } }", json!({"id": id})).await
-    }
-
-    pub async fn cancel(&self, token: &str, id: &str) -> Value {
-        self.gql(
-            Some(token),
-            "mutation($id: ID!) { cancelOrder(id: $id) { id status cancelReason } }",
-            json!({"id": id}),
-        )
-        .await
+    fn deref(&self) -> &Client {
+        &self.client
     }
 }
 
@@ -360,18 +275,34 @@ where
     }
 }
 
-/// Runs one test body against SQLite and Postgres (skipped, with a
-/// `SKIPPED:` line, when `TEST_DATABASE_URL` is not set).
+/// Runs each test body against SQLite and Postgres (the Postgres half is
+/// skipped, with a `SKIPPED:` line, when `TEST_DATABASE_URL` is not set).
+/// Each body gets a fresh [`TestApp`]; `with <tweak>` changes the test
+/// configuration first (a closure on `&mut Config`):
+///
+/// ```ignore
+/// both_stores! {
+///     plain => |app: TestApp| async move { /* … */ };
+///     short_ttl with |c| c.order_ttl = Duration::from_secs(1) => |app: TestApp| async move { /* … */ };
+/// }
+/// ```
+///
+/// The tests land in modules `sqlite` and `postgres`, so a file (or module)
+/// says it once.
 #[macro_export]
 macro_rules! both_stores {
-    ($($name:ident => $body:expr;)+) => {
+    ($($name:ident $(with $tweak:expr)? => $body:expr;)+) => {
         mod sqlite {
             #[allow(unused_imports)]
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let app = common::spawn_app(common::Backend::Sqlite).await;
+                    let app = $crate::common::spawn_app_with(
+                        $crate::common::Backend::Sqlite,
+                        $crate::both_stores!(@tweak $($tweak)?),
+                    )
+                    .await;
                     ($body)(app).await;
                 }
             )+
@@ -382,13 +313,19 @@ macro_rules! both_stores {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    if common::skip_without_postgres() {
+                    if $crate::common::skip_without_postgres() {
                         return;
                     }
-                    let app = common::spawn_app(common::Backend::Postgres).await;
+                    let app = $crate::common::spawn_app_with(
+                        $crate::common::Backend::Postgres,
+                        $crate::both_stores!(@tweak $($tweak)?),
+                    )
+                    .await;
                     ($body)(app).await;
                 }
             )+
         }
     };
+    (@tweak) => { |_: &mut shopgraph::Config| {} };
+    (@tweak $tweak:expr) => { $tweak };
 }

@@ -12,7 +12,7 @@ pub struct PrivateRedis {
     extra: Vec<String>,
     child: Option<Child>,
     /// Set for a TLS-only server: the CA its certificate is signed by.
-    ca: Option<shopgraph::redis_client::TrustedCa>,
+    ca: Option<shopgraph::redis::client::TrustedCa>,
 }
 
 /// A server certificate, its key and the CA that signed it (PEM files).
@@ -61,7 +61,7 @@ impl PrivateRedis {
             url: format!("rediss://127.0.0.1:{port}/0"),
             extra: args,
             child: None,
-            ca: Some(shopgraph::redis_client::TrustedCa::read(files.ca).expect("the test CA")),
+            ca: Some(shopgraph::redis::client::TrustedCa::read(files.ca).expect("the test CA")),
         };
         r.restart().await;
         r
@@ -93,7 +93,7 @@ impl PrivateRedis {
     }
 
     pub async fn ping(&self) -> bool {
-        shopgraph::redis_server::ping_with(&self.url, self.ca.as_ref()).await.is_ok()
+        shopgraph::redis::server::ping_with(&self.url, self.ca.as_ref()).await.is_ok()
     }
 
     pub fn kill(&mut self) {
@@ -104,7 +104,7 @@ impl PrivateRedis {
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        let client = shopgraph::redis_client::client(&self.url, self.ca.as_ref()).unwrap();
+        let client = shopgraph::redis::client::client(&self.url, self.ca.as_ref()).unwrap();
         client.get_multiplexed_async_connection().await.unwrap()
     }
 }

@@ -185,10 +185,19 @@ impl WsClient {
     }
 
     /// Runs a query that needs the database over this socket and waits for
-    /// its result. Every subscription sent before it has then been started
-    /// on the server (its first poll, where it joins the event broadcast,
-    /// happened no later than the query's first, pending, poll), so events
-    /// produced afterwards reach it. Call it before other messages arrive.
+    /// its result. Call it before other messages arrive.
+    ///
+    /// What it proves depends on how the server runs a subscription sent
+    /// before it. One the session runs itself (`orderUpdated`, any
+    /// customer's) has been polled once, and so has joined the event
+    /// broadcast, no later than the query's first, pending, poll: events
+    /// produced afterwards reach it. A shared execution (a subscription
+    /// whose every root field is `orderCancelled`, e.g. the admin's feed)
+    /// runs on a task of its own, and nothing a client can see marks that
+    /// task's first poll: the barrier proves only that the subscriber has
+    /// joined it. Tests that wait for its events keep a margin instead (the
+    /// events they wait for come from work started after the barrier, and
+    /// take at least a request's round trip).
     pub async fn barrier(&mut self) {
         let id = format!("barrier-{}", uuid::Uuid::new_v4().simple());
         self.subscribe(&id, "query { products(first: 1) { pageInfo { hasNextPage } } }", json!({})).await;

@@ -14,31 +14,6 @@ use crate::common::{self, code, redis::PrivateRedis, Backend, TestApp};
 const LOGIN: &str = "mutation($e: String!, $p: String!) { login(email: $e, password: $p) { token } }";
 const ORDER: &str = "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id status } }";
 
-/// A test on SQLite and, when `TEST_DATABASE_URL` is set, on Postgres, each
-/// with its own configuration tweak.
-macro_rules! on_both_stores {
-    ($name:ident, $tweak:expr, $body:expr) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let app = common::spawn_app_with(Backend::Sqlite, $tweak).await;
-                ($body)(app).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if common::skip_without_postgres() {
-                    return;
-                }
-                let app = common::spawn_app_with(Backend::Postgres, $tweak).await;
-                ($body)(app).await;
-            }
-        }
-    };
-}
-
 /// What a client sees of one POST: status, headers, body.
 struct Answer {
     status: StatusCode,
@@ -97,10 +72,8 @@ fn assert_rate_limited(a: &Answer, max_wait: u64) {
     assert_eq!(a.body["errors"][0]["extensions"]["retryAfter"], wait, "{}", a.body);
 }
 
-on_both_stores!(
-    a_hoarder_at_max_pending_orders_is_refused_and_others_still_order,
-    |c: &mut shopgraph::Config| c.max_pending_orders = 3,
-    |app: TestApp| async move {
+crate::both_stores! {
+    a_hoarder_at_max_pending_orders_is_refused_and_others_still_order with |c: &mut shopgraph::Config| c.max_pending_orders = 3 => |app: TestApp| async move {
         let product = app.create_product("HOARD", 100, 100).await;
         let (a, _) = app.customer().await;
         let (b, _) = app.customer().await;
@@ -126,13 +99,9 @@ on_both_stores!(
         app.pay(&a, first_id.as_str().unwrap()).await;
         assert_eq!(order(&app, &a, &product, 1, None).await.status, StatusCode::OK);
         assert_eq!(app.stock(&product).await, 95);
-    }
-);
+    };
 
-on_both_stores!(
-    concurrent_orders_at_the_limit_do_not_both_pass,
-    |c: &mut shopgraph::Config| c.max_pending_orders = 5,
-    |app: TestApp| async move {
+    concurrent_orders_at_the_limit_do_not_both_pass with |c: &mut shopgraph::Config| c.max_pending_orders = 5 => |app: TestApp| async move {
         let product = app.create_product("RACE", 100, 1000).await;
         let (a, _) = app.customer().await;
         let (b, _) = app.customer().await;
@@ -161,13 +130,9 @@ on_both_stores!(
         }
         assert_eq!((placed_a, placed_b, limited), (5, 4, 19));
         assert_eq!(app.stock(&product).await, 1000 - 2 * 9, "only the placed orders hold stock");
-    }
-);
+    };
 
-on_both_stores!(
-    pending_units_are_capped_per_customer,
-    |c: &mut shopgraph::Config| c.max_pending_units = 10,
-    |app: TestApp| async move {
+    pending_units_are_capped_per_customer with |c: &mut shopgraph::Config| c.max_pending_units = 10 => |app: TestApp| async move {
         let product = app.create_product("UNITS", 100, 100).await;
         let (a, _) = app.customer().await;
         assert_eq!(order(&app, &a, &product, 6, None).await.status, StatusCode::OK);
@@ -179,8 +144,8 @@ on_both_stores!(
         // stock refusals keep their own code
         let (b, _) = app.customer().await;
         assert_eq!(order(&app, &b, &product, 1000, None).await.code(), "INSUFFICIENT_STOCK");
-    }
-);
+    };
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_order_is_rate_limited_per_customer_but_replays_are_answered() {
