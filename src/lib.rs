@@ -9,10 +9,12 @@
 //! * [`app`]: builds the whole service from a config; tests use the same builder.
 //! * [`serve`]: the HTTP/1.1 accept loop, header and idle timeouts.
 //! * [`connlimit`]: open connections per client address and per process.
-//! * [`http`]: the axum router.
+//! * [`http`]: the axum router and its layers; `/graphql` over HTTP (one execution path for POST
+//!   and GET); the operator's endpoints (`/readyz`, `/metrics`, GraphiQL).
 //! * [`ws`]: GraphQL over websocket: the session loop, the two protocols' parser, shared executions
 //!   of identical subscriptions (rendered once per event).
-//! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve.
+//! * [`caching`]: `Cache-Control`, `ETag` and 304 for catalog reads a CDN can serve, and the
+//!   server's own cache of those answers ([`caching::responses`], `CATALOG_CACHE_TTL`).
 //! * [`cors`]: cross-origin access for browser storefronts (`CORS_ALLOWED_ORIGINS`).
 //! * [`auth`]: the admin token, customer JWTs, password hashing, who may see an order ([`auth::Viewer`]).
 //! * [`graphql`]: schema types and resolvers; the one place errors get codes.
