@@ -79,12 +79,6 @@ pub fn not_public(verdict: Verdict, mut res: Response) -> Response {
     res
 }
 
-/// A public body and its validator, as a response and the cache keep it.
-pub fn tagged(body: Bytes) -> (Bytes, HeaderValue) {
-    let tag = etag(&body);
-    (body, tag)
-}
-
 /// The response for a public body: `Cache-Control`, `ETag`, `Vary`, `Age`
 /// when it was executed a while ago; 304 without a body when the client
 /// already holds it.
@@ -123,7 +117,7 @@ pub fn cache_control(max_age: Duration) -> HeaderValue {
 }
 
 /// A strong validator: a 128-bit hash of the exact body.
-fn etag(body: &[u8]) -> HeaderValue {
+pub fn etag(body: &[u8]) -> HeaderValue {
     let tag = format!("\"{:032x}\"", xxhash_rust::xxh3::xxh3_128(body));
     HeaderValue::from_str(&tag).expect("hex is a valid header value")
 }

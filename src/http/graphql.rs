@@ -110,7 +110,7 @@ async fn execute(
         let Some(body) = graphql_body(&response) else {
             return caching::not_public(caching::Verdict::NoStore, too_large());
         };
-        let (body, tag) = caching::tagged(body);
+        let tag = caching::etag(&body);
         if let Some(key) = key {
             state.responses.put(key, ticket, body.clone(), tag.clone());
         }
