@@ -37,6 +37,7 @@ use crate::{
     redis::{
         client::{self, TrustedCa},
         server::{self, PrivateRedis, RedisStartError},
+        RedisConn,
     },
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
@@ -141,7 +142,7 @@ struct RedisLink {
     /// The private server, when one had to be started.
     private: Option<PrivateRedis>,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// The database index, whose keyspace events the listener reads.
     db: i64,
 }
@@ -162,7 +163,9 @@ impl RedisLink {
             .set_response_timeout(Some(Duration::from_millis(1000)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(unreachable)?;
+        let conn = RedisConn::single(
+            ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(unreachable)?,
+        );
         Ok(RedisLink { url, private, client, conn, db })
     }
 }

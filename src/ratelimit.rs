@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redis::aio::ConnectionManager;
+use crate::redis::RedisConn;
 
 use crate::{client_addr::limit_key, domain::CustomerId};
 
@@ -75,7 +75,7 @@ pub struct LimitSettings {
 /// Every rate limit of the service, counted in Redis or, while Redis is
 /// away, in this process.
 pub struct Limits {
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     prefix: String,
     script: redis::Script,
     local: LocalWindows,
@@ -88,7 +88,7 @@ pub struct Limits {
 
 impl Limits {
     /// Limits counted in Redis under `prefix` (`None`: in this process only).
-    pub fn new(redis: Option<ConnectionManager>, prefix: &str, settings: LimitSettings) -> Self {
+    pub fn new(redis: Option<RedisConn>, prefix: &str, settings: LimitSettings) -> Self {
         Limits {
             redis,
             prefix: prefix.to_string(),

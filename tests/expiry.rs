@@ -174,7 +174,7 @@ async fn one_nudge_claims_the_deadlines_before_its_now_and_keeps_those_whose_key
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let (cancel, _cancelled) = tokio::sync::mpsc::channel(1);
     let nudger = Nudger::new(
-        redis::aio::ConnectionManager::new(client.clone()).await.unwrap(),
+        shopgraph::redis::RedisConn::single(redis::aio::ConnectionManager::new(client.clone()).await.unwrap()),
         Keys { prefix: prefix.clone() },
         Fallback { listener: std::sync::Arc::new(ListenerState::default()), cancel },
     );

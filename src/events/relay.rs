@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use crate::redis::RedisConn;
 use chrono::Utc;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -26,13 +26,7 @@ const BATCHES: usize = 64;
 pub struct RelayInbox(pub(super) mpsc::UnboundedReceiver<Vec<OrderEvent>>);
 
 /// Runs until shutdown, then publishes what it still holds.
-pub async fn run(
-    mut inbox: RelayInbox,
-    outbox: Outbox,
-    conn: ConnectionManager,
-    channel: String,
-    shutdown: CancellationToken,
-) {
+pub async fn run(mut inbox: RelayInbox, outbox: Outbox, conn: RedisConn, channel: String, shutdown: CancellationToken) {
     let relay = Relay { outbox, conn, channel };
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,7 +54,7 @@ pub async fn run(
 
 struct Relay {
     outbox: Outbox,
-    conn: ConnectionManager,
+    conn: RedisConn,
     channel: String,
 }
 

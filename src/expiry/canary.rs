@@ -10,7 +10,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use redis::{aio::ConnectionManager, AsyncCommands};
+use redis::AsyncCommands;
+
+use crate::redis::RedisConn;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -67,7 +69,7 @@ impl CanaryInbox {
 }
 
 pub struct Canary {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     state: Arc<ListenerState>,
     seen: mpsc::Receiver<String>,
@@ -77,7 +79,7 @@ pub struct Canary {
 }
 
 impl Canary {
-    pub fn new(conn: ConnectionManager, keys: Keys, state: Arc<ListenerState>) -> (Canary, CanaryInbox) {
+    pub fn new(conn: RedisConn, keys: Keys, state: Arc<ListenerState>) -> (Canary, CanaryInbox) {
         let (tx, seen) = mpsc::channel(16);
         let check_now = Arc::new(Notify::new());
         let inbox = CanaryInbox { seen: tx, check_now: check_now.clone() };

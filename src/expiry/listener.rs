@@ -16,8 +16,8 @@ use std::sync::{
     Arc,
 };
 
+use crate::redis::RedisConn;
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -96,7 +96,7 @@ const WORKERS: usize = 4;
 
 pub struct Listener {
     pub client: redis::Client,
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub keys: Keys,
     pub db: i64,
     pub orders: Arc<Orders>,
@@ -109,7 +109,7 @@ pub struct Listener {
 
 struct Events {
     keys: Keys,
-    conn: ConnectionManager,
+    conn: RedisConn,
     state: Arc<ListenerState>,
     sweep_now: Arc<Notify>,
     canary: CanaryInbox,
@@ -151,7 +151,7 @@ impl subscription::Handler for Events {
 /// Adds `E` and `x` to `notify-keyspace-events`, keeping the flags there.
 /// Best effort: where CONFIG is refused (managed Redis) the server's own
 /// setting stands, and the canary finds out whether events arrive.
-pub async fn ensure_notifications(conn: &mut ConnectionManager, state: &ListenerState) {
+pub async fn ensure_notifications(conn: &mut RedisConn, state: &ListenerState) {
     let current: redis::RedisResult<Vec<String>> =
         redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(conn).await;
     let flags = match current {

@@ -15,7 +15,9 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use redis::{aio::ConnectionManager, AsyncCommands, Script};
+use redis::{AsyncCommands, Script};
+
+use crate::redis::RedisConn;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -45,7 +47,7 @@ return due
 "#;
 
 pub struct Nudger {
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub keys: Keys,
     pub script: Script,
     pub fallback: Fallback,
@@ -67,7 +69,7 @@ pub struct Claimed {
 }
 
 impl Nudger {
-    pub fn new(conn: ConnectionManager, keys: Keys, fallback: Fallback) -> Self {
+    pub fn new(conn: RedisConn, keys: Keys, fallback: Fallback) -> Self {
         Nudger { conn, keys, script: Script::new(CLAIM_DUE), fallback }
     }
 

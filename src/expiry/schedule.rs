@@ -3,7 +3,9 @@
 //! entry in the deadline index. Placing and ending orders use this; the
 //! nudger, listener and canary read the same names.
 
-use redis::{aio::ConnectionManager, AsyncCommands, RedisResult};
+use redis::{AsyncCommands, RedisResult};
+
+use crate::redis::RedisConn;
 use tracing::warn;
 
 use crate::{
@@ -45,7 +47,7 @@ impl Keys {
 /// Writes and removes expiry hashes; cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub keys: Keys,
 }
 

@@ -18,11 +18,11 @@ use std::{
     time::Duration,
 };
 
+use crate::redis::RedisConn;
 use async_graphql::{
     extensions::{Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest, NextValidation},
     Request, ServerError, ServerResult, ValidationResult,
 };
-use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
@@ -36,13 +36,13 @@ const LOCAL_SIZE: usize = 1024;
 /// The shared store, one per process; cheap to clone.
 #[derive(Clone)]
 pub struct PersistedQueries {
-    redis: ConnectionManager,
+    redis: RedisConn,
     prefix: String,
     local: Arc<Mutex<HashMap<String, Arc<str>>>>,
 }
 
 impl PersistedQueries {
-    pub fn new(redis: ConnectionManager, key_prefix: &str) -> PersistedQueries {
+    pub fn new(redis: RedisConn, key_prefix: &str) -> PersistedQueries {
         PersistedQueries { redis, prefix: format!("{key_prefix}apq:"), local: Default::default() }
     }
 

@@ -7,6 +7,7 @@ mod ops;
 
 use std::{sync::Arc, time::Duration};
 
+use crate::redis::RedisConn;
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
     http::{header, HeaderValue, StatusCode},
@@ -15,7 +16,6 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
@@ -42,7 +42,7 @@ pub struct HttpState {
     pub documents: Documents,
     pub auth: Arc<Auth>,
     pub store: Arc<dyn Store>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub listener: Arc<ListenerState>,
     pub events: EventBus,
     pub ws: Arc<WsSettings>,

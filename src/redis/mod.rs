@@ -7,5 +7,8 @@
 //! [`crate::expiry::schedule`], event publishing in [`crate::events`].
 
 pub mod client;
+pub mod conn;
 pub mod server;
 pub mod subscription;
+
+pub use conn::RedisConn;
