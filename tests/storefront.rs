@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{spawn_app_with, Backend, TestApp};
+use common::{nginx::Nginx, spawn_app_with, Backend, TestApp};
 use reqwest::{header, Method, StatusCode};
 use serde_json::json;
 
@@ -307,78 +307,6 @@ async fn a_persisted_mutation_does_not_run_over_get_and_an_oversized_document_is
     app.stop().await;
 }
 
-// --------------------------------------------------------------- nginx ---
-
-/// An nginx from the distribution (`nginx-light`) with `proxy_cache`, in
-/// front of `upstream`; stopped on drop.
-struct Nginx {
-    url: String,
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn binary() -> Option<std::path::PathBuf> {
-        ["/usr/sbin/nginx", "/usr/bin/nginx"].iter().map(std::path::PathBuf::from).find(|p| p.exists())
-    }
-
-    async fn start(bin: &std::path::Path, upstream: &str) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let d = dir.path().display();
-        let upstream = upstream.trim_start_matches("http://");
-        let conf = format!(
-            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  proxy_cache_path {d}/cache levels=1 keys_zone=catalog:1m max_size=16m;
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://{upstream};
-      proxy_http_version 1.1;
-      proxy_cache catalog;
-      proxy_cache_key $scheme$host$request_uri;
-      proxy_cache_revalidate on;
-      add_header X-Cache-Status $upstream_cache_status always;
-    }}
-  }}
-}}
-"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = std::process::Command::new(bin)
-            .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf"), "-e", &format!("{d}/error.log")])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nginx starts");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let log = dir.path().join("error.log");
-        common::eventually(std::time::Duration::from_secs(10), || async {
-            let ok = http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success());
-            if !ok && std::fs::read_to_string(&log).unwrap_or_default().contains("emerg") {
-                panic!("nginx failed: {}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            ok.then_some(())
-        })
-        .await;
-        Nginx { url, child, _dir: dir }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A real caching reverse proxy in front of a real shopgraph process: the
 /// catalog by persisted-query hash over GET is served from nginx's cache
 /// within `CATALOG_MAX_AGE` (shopgraph counts no requests), and a restock
@@ -410,7 +338,7 @@ async fn behind_nginx_repeated_catalog_gets_are_served_from_its_cache_until_max_
         .as_str()
         .unwrap()
         .to_string();
-    let proxy = Nginx::start(&bin, &server.url).await;
+    let proxy = Nginx::start(&bin, &server.url).await.unwrap();
     let hash = shopgraph::graphql::persisted::sha256_hex(CATALOG);
     let ext = apq(&hash).to_string();
     // what Apollo Client sends with useGETForHashedQueries, after registering over POST

@@ -10,6 +10,14 @@
 
 mod client;
 mod direct;
+/// The tests' caching proxy, one definition for tests and benchmarks.
+#[allow(dead_code)]
+#[path = "../../tests/common/nginx.rs"]
+mod nginx;
+/// The tests' private PostgreSQL clusters (primary, streaming replica).
+#[allow(dead_code)]
+#[path = "../../tests/common/pg_cluster.rs"]
+mod pg_cluster;
 mod procfs;
 mod report;
 mod scenarios;
@@ -30,6 +38,8 @@ use server::{Deployment, EnvSpec, Launch, RedisService, Settings, StoreKind, Tar
 pub const SCENARIOS: &[(&str, &str)] = &[
     ("create-order", "createOrder throughput and p50/p99 at concurrency 1, 16, 64"),
     ("products", "the products read path at concurrency 1, 16, 64"),
+    ("products-proxy", "catalog GETs through a real nginx proxy_cache beside straight to the server"),
+    ("products-replica", "uncached catalog reads on a primary, without and with a streaming replica"),
     ("expiry-burst", "expiry lag of 2,000 orders expiring in the same second"),
     ("expiry-pending", "expiry lag of probe orders while 1,000,000 other orders are pending"),
     ("expiry-throughput", "cancellations per second for 50,000 orders expiring in the same second"),
@@ -48,6 +58,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
 )]
 pub struct Opts {
     /// Scenarios, comma separated, or `all`: create-order, products,
+    /// products-proxy, products-replica,
     /// expiry-burst, expiry-pending, expiry-throughput, backlog, websocket,
     /// fanout, resources, hostile.
     #[arg(long, default_value = "all")]

@@ -37,6 +37,23 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) / clk_tck())
 }
 
+/// CPU seconds of a process and of its direct children together: a
+/// PostgreSQL cluster is its postmaster and the backends and helpers it
+/// forks.
+pub fn tree_cpu_secs(root: u32) -> f64 {
+    let mut total = cpu_secs(root).unwrap_or(0.0);
+    let Ok(dir) = fs::read_dir("/proc") else { return total };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(root) {
+            total += cpu_secs(pid).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
 /// Busy CPU seconds of the whole machine (all cores).
 fn machine_busy_secs() -> f64 {
     let Ok(s) = fs::read_to_string("/proc/stat") else { return 0.0 };

@@ -6,6 +6,7 @@
 
 pub mod child;
 pub mod client;
+pub mod nginx;
 pub mod pg_cluster;
 pub mod redis;
 pub mod ws;

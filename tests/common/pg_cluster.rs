@@ -2,7 +2,8 @@
 //! restart the database without disturbing the shared one. Needs the
 //! PostgreSQL 15 binaries and root (to run them as the `postgres` user);
 //! `start` returns `None` where either is missing, and the test says it is
-//! skipped.
+//! skipped. The benchmark harness includes this file too
+//! (`bench/src/main.rs`), for its replica case.
 
 use std::{
     path::{Path, PathBuf},
@@ -142,6 +143,11 @@ impl PrivatePostgres {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The cluster's data directory (`postmaster.pid` names its postmaster).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
     }
 
     /// Writes the server's certificate, key (and hba file) into its

@@ -1,6 +1,7 @@
 //! The scenarios. Each starts a fresh deployment per server and store, so
 //! no scenario measures what an earlier one left behind.
 
+mod edge;
 mod expiry;
 mod hostile;
 mod load;
@@ -23,6 +24,8 @@ pub async fn run(name: &str, ctx: &Ctx) -> Vec<Table> {
     match name {
         "create-order" => load::create_order(ctx).await,
         "products" => load::products(ctx).await,
+        "products-proxy" => edge::proxy(ctx).await,
+        "products-replica" => edge::replica(ctx).await,
         "resources" => load::resources(ctx).await,
         "expiry-burst" => expiry::burst(ctx).await,
         "expiry-pending" => expiry::pending(ctx).await,
