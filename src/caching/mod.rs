@@ -22,9 +22,8 @@ use std::{
 };
 
 use async_graphql::{
-    extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery},
     parser::types::{ExecutableDocument, OperationType, Selection, SelectionSet},
-    BatchResponse, ServerResult, Variables,
+    BatchResponse,
 };
 use axum::{
     body::{Body, Bytes},
@@ -37,12 +36,16 @@ use crate::auth::Identity;
 /// Root fields whose answer is the same for every anonymous visitor.
 const PUBLIC_ROOT_FIELDS: &[&str] = &["products", "product", "__typename"];
 
-/// Set by [`CatalogDocuments`] when the request's document reads only the
-/// public catalog; one per HTTP request, in the request's data.
+/// Set when the request's document reads only the public catalog (by the
+/// schema's document stage, `graphql::documents`, from
+/// [`reads_only_catalog`]); one per HTTP request, in the request's data.
 #[derive(Clone, Default)]
 pub struct CatalogOnly(Arc<AtomicBool>);
 
 impl CatalogOnly {
+    pub fn set(&self, catalog_only: bool) {
+        self.0.store(catalog_only, Ordering::Relaxed);
+    }
     fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -132,34 +135,6 @@ fn if_none_match(request: &HeaderMap, tag: &HeaderValue) -> bool {
             candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == tag
         },
     )
-}
-
-/// The schema extension that marks catalog-only documents for the HTTP
-/// layer. It sees every parsed document (the document cache included), so
-/// it is registered before that cache.
-pub struct CatalogDocuments;
-
-impl ExtensionFactory for CatalogDocuments {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(CatalogDocuments)
-    }
-}
-
-#[async_trait::async_trait]
-impl Extension for CatalogDocuments {
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        let doc = next.run(ctx, query, variables).await?;
-        if let Some(slot) = ctx.data_opt::<CatalogOnly>() {
-            slot.0.store(reads_only_catalog(&doc), Ordering::Relaxed);
-        }
-        Ok(doc)
-    }
 }
 
 /// Every operation of the document is a query whose root fields (through

@@ -12,6 +12,12 @@
 //! schema and the variables' values): storefronts repeat the same catalog
 //! reads, and the engine's validation rules were a large share of their
 //! cost.
+//!
+//! What the rest of a request needs to know about its document ([`Facts`]:
+//! whether it reads only the public catalog, which root field each
+//! operation runs) is worked out here once per distinct document, and this
+//! one extension hands it on: the catalog verdict to the HTTP layer's
+//! [`CatalogOnly`] slot, the root field to the request's duration metric.
 
 use std::{
     collections::HashMap,
@@ -19,15 +25,21 @@ use std::{
 };
 
 use async_graphql::{
-    extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextValidation},
-    parser::{parse_query, types::ExecutableDocument},
-    BatchRequest, ServerError, ServerResult, ValidationResult, Variables,
+    extensions::{
+        Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest, NextValidation,
+    },
+    parser::{
+        parse_query,
+        types::{ExecutableDocument, Selection, SelectionSet},
+    },
+    BatchRequest, Response, ServerError, ServerResult, ValidationResult, Variables,
 };
 
 use super::{
     cost::{self, Cost, Refusal},
     errors,
 };
+use crate::caching::{reads_only_catalog, CatalogOnly};
 
 /// Bytes of one query document (contract: a document of at most 32 KiB is
 /// judged within milliseconds).
@@ -55,14 +67,51 @@ pub struct Documents(Arc<Mutex<HashMap<String, Entry>>>);
 #[derive(Clone)]
 struct Entry {
     doc: ExecutableDocument,
+    facts: Arc<Facts>,
     /// The outcome of validating it without variables, once it passed.
     validated: Option<ValidationResult>,
+}
+
+/// What a document is, as far as the rest of its request cares; the same
+/// whatever the variables.
+#[derive(Debug)]
+pub struct Facts {
+    /// Every operation is a query of public catalog fields only
+    /// ([`reads_only_catalog`]): its response may be cached and shared.
+    pub catalog_only: bool,
+    /// Each operation's name and the root field it selects, the label of
+    /// its duration metric ([`root_field_label`]).
+    roots: Vec<(Option<String>, String)>,
+}
+
+impl Facts {
+    fn of(doc: &ExecutableDocument) -> Facts {
+        let roots = doc
+            .operations
+            .iter()
+            .map(|(name, op)| (name.map(|n| n.to_string()), root_field_label(doc, &op.node.selection_set.node)))
+            .collect();
+        Facts { catalog_only: reads_only_catalog(doc), roots }
+    }
+
+    /// The label of the operation that runs (the only one, or the named one).
+    fn label(&self, operation_name: Option<&str>) -> Option<&str> {
+        let only = self.roots.len() == 1;
+        self.roots.iter().find(|(name, _)| only || name.as_deref() == operation_name).map(|(_, label)| label.as_str())
+    }
+}
+
+/// A document ready to validate, what it costs, and its [`Facts`].
+pub struct Prepared {
+    pub doc: ExecutableDocument,
+    pub cost: Cost,
+    pub facts: Arc<Facts>,
 }
 
 impl Documents {
     /// The document for `query`, refused if it is too large, malformed, or
     /// costs more than the limits allow with these variables.
-    pub fn prepare(&self, query: &str, variables: &Variables) -> ServerResult<(ExecutableDocument, Cost)> {
+    pub fn prepare(&self, query: &str, variables: &Variables) -> ServerResult<Prepared> {
         if query.len() > MAX_QUERY_BYTES {
             return Err(errors::too_complex(format!(
                 "the query document is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
@@ -70,23 +119,27 @@ impl Documents {
             )));
         }
         check_variables(variables)?;
-        let cached = self.0.lock().expect("document cache lock").get(query).map(|e| e.doc.clone());
-        let doc = match cached {
-            Some(doc) => doc,
-            None => parse_query(query).map_err(errors::parse_error)?,
+        let cached = self.0.lock().expect("document cache lock").get(query).map(|e| (e.doc.clone(), e.facts.clone()));
+        let (doc, facts, fresh) = match cached {
+            Some((doc, facts)) => (doc, facts, false),
+            None => {
+                let doc = parse_query(query).map_err(errors::parse_error)?;
+                let facts = Arc::new(Facts::of(&doc));
+                (doc, facts, true)
+            }
         };
         let cost = cost::of_document(&doc, variables).map_err(refused)?;
         cost.check().map_err(refused)?;
-        if query.len() <= CACHED_QUERY_BYTES {
+        if fresh && query.len() <= CACHED_QUERY_BYTES {
             let mut cache = self.0.lock().expect("document cache lock");
             if !cache.contains_key(query) {
                 if cache.len() >= CACHE_SIZE {
                     cache.clear();
                 }
-                cache.insert(query.to_string(), Entry { doc: doc.clone(), validated: None });
+                cache.insert(query.to_string(), Entry { doc: doc.clone(), facts: facts.clone(), validated: None });
             }
         }
-        Ok((doc, cost))
+        Ok(Prepared { doc, cost, facts })
     }
 
     /// Judges a whole HTTP request before any of it runs: every document on
@@ -97,7 +150,7 @@ impl Documents {
         // a persisted query sent by hash alone is judged on its own once its
         // text is known (each document within the budget), not in the total
         for r in requests.iter().filter(|r| !r.query.is_empty()) {
-            let (_, cost) = self.prepare(&r.query, &r.variables)?;
+            let cost = self.prepare(&r.query, &r.variables)?.cost;
             total = total.saturating_add(cost.complexity);
         }
         Cost { complexity: total, ..Cost::default() }.check().map_err(refused)
@@ -145,30 +198,61 @@ fn refused(r: Refusal) -> ServerError {
 
 impl ExtensionFactory for Documents {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(OneRequest { documents: self.clone(), query: Mutex::new(None) })
+        Arc::new(OneRequest { documents: self.clone(), state: Mutex::new(RequestState::default()) })
     }
 }
 
-/// The extension's state for one request: the query text, when its
-/// validation may be remembered (no variables).
+/// The extension's state for one request (over HTTP, each operation of a
+/// batch is a request of its own).
 struct OneRequest {
     documents: Documents,
-    query: Mutex<Option<String>>,
+    state: Mutex<RequestState>,
+}
+
+#[derive(Default)]
+struct RequestState {
+    /// The query text, when its validation may be remembered (no variables).
+    query: Option<String>,
+    facts: Option<Arc<Facts>>,
+    /// The root field of the operation that ran, once execution started
+    /// (reached only by valid documents, so it is a field the schema has).
+    executed: Option<String>,
+}
+
+impl OneRequest {
+    fn state(&self) -> std::sync::MutexGuard<'_, RequestState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[async_trait::async_trait]
 impl Extension for OneRequest {
+    /// Times the whole request (parsing and validation included), labelled
+    /// with the root field it executed.
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let started = std::time::Instant::now();
+        let response = next.run(ctx).await;
+        let field = self.state().executed.take();
+        crate::telemetry::graphql_request(field.as_deref(), started.elapsed());
+        response
+    }
+
     async fn parse_query(
         &self,
-        _ctx: &ExtensionContext<'_>,
+        ctx: &ExtensionContext<'_>,
         query: &str,
         variables: &Variables,
         _next: NextParseQuery<'_>,
     ) -> ServerResult<ExecutableDocument> {
-        let (doc, _) = self.documents.prepare(query, variables)?;
-        if variables.is_empty() && query.len() <= CACHED_QUERY_BYTES {
-            *self.query.lock().expect("request query lock") = Some(query.to_string());
+        let Prepared { doc, facts, .. } = self.documents.prepare(query, variables)?;
+        if let Some(slot) = ctx.data_opt::<CatalogOnly>() {
+            slot.set(facts.catalog_only);
         }
+        let mut state = self.state();
+        if variables.is_empty() && query.len() <= CACHED_QUERY_BYTES {
+            state.query = Some(query.to_string());
+        }
+        state.facts = Some(facts);
         Ok(doc)
     }
 
@@ -177,7 +261,7 @@ impl Extension for OneRequest {
         ctx: &ExtensionContext<'_>,
         next: NextValidation<'_>,
     ) -> Result<ValidationResult, Vec<ServerError>> {
-        let query = self.query.lock().expect("request query lock").take();
+        let query = self.state().query.take();
         let Some(query) = query else { return next.run(ctx).await };
         if let Some(result) = self.documents.validated(&query) {
             return Ok(result);
@@ -185,5 +269,52 @@ impl Extension for OneRequest {
         let result = next.run(ctx).await?;
         self.documents.remember_validated(&query, result);
         Ok(result)
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        {
+            let mut state = self.state();
+            state.executed = state.facts.as_ref().and_then(|f| f.label(operation_name)).map(str::to_string);
+        }
+        next.run(ctx, operation_name).await
+    }
+}
+
+/// The root field an operation selects (fragments at the root included,
+/// each looked at once), `multiple` when it selects several; `__typename`
+/// counts only when it is alone.
+fn root_field_label(doc: &ExecutableDocument, root: &SelectionSet) -> String {
+    let mut fields = std::collections::BTreeSet::new();
+    let mut seen_fragments = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(set) = stack.pop() {
+        for item in &set.items {
+            match &item.node {
+                Selection::Field(f) => {
+                    fields.insert(f.node.name.node.as_str());
+                }
+                Selection::InlineFragment(f) => stack.push(&f.node.selection_set.node),
+                Selection::FragmentSpread(s) => {
+                    let name = &s.node.fragment_name.node;
+                    if seen_fragments.insert(name.as_str()) {
+                        if let Some(f) = doc.fragments.get(name) {
+                            stack.push(&f.node.selection_set.node);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if fields.len() > 1 {
+        fields.remove("__typename");
+    }
+    match fields.len() {
+        1 => fields.into_iter().next().unwrap_or_default().to_string(),
+        _ => "multiple".to_string(),
     }
 }

@@ -94,7 +94,7 @@ async fn execute(
         let status = if modern { StatusCode::BAD_REQUEST } else { StatusCode::OK };
         return caching::not_public(caching::Verdict::NoStore, graphql_response(status, modern, &response));
     }
-    // timed per operation by the schema's `RequestMetrics` extension
+    // timed per operation by the schema's document stage (graphql::documents)
     let catalog = caching::CatalogOnly::default();
     let ticket = state.responses.ticket();
     let batch = batch.data(identity).data(client).data(catalog.clone());
