@@ -66,6 +66,39 @@ impl DbConn {
         })
     }
 
+    /// Inserts `n` customers in one statement and returns their ids: shoppers
+    /// for the order load, which would otherwise spend minutes in argon2
+    /// registering them. Their password hash matches no password (they hold
+    /// tokens, issued by the server's own code, and never log in).
+    pub async fn insert_customers(&mut self, n: i64) -> Result<Vec<i64>> {
+        let tag = crate::server::short_id();
+        Ok(match self {
+            DbConn::Pg(c) => {
+                sqlx::query_scalar(
+                    "INSERT INTO customers (email, password_hash)
+                     SELECT 'shopper-' || g || '-' || $2 || '@bench.example', '!' FROM generate_series(1, $1) g
+                     RETURNING id",
+                )
+                .bind(n)
+                .bind(&tag)
+                .fetch_all(&mut *c)
+                .await?
+            }
+            DbConn::Sqlite(c) => {
+                sqlx::query_scalar(
+                    "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < ?1)
+                     INSERT INTO customers (email, password_hash)
+                     SELECT 'shopper-' || i || '-' || ?2 || '@bench.example', '!' FROM g
+                     RETURNING id",
+                )
+                .bind(n)
+                .bind(&tag)
+                .fetch_all(&mut *c)
+                .await?
+            }
+        })
+    }
+
     /// Reserves `n` order ids and returns the first.
     pub async fn reserve_ids(&mut self, n: i64) -> Result<i64> {
         match self {

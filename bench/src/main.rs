@@ -165,6 +165,8 @@ pub struct Sizes {
     pub duration: Duration,
     pub levels: Vec<usize>,
     pub customers: usize,
+    /// Customers written straight into the database for the order load.
+    pub shoppers: usize,
     pub products: usize,
     pub burst: usize,
     pub pending: usize,
@@ -194,6 +196,7 @@ impl Sizes {
             warmup: if s { Duration::from_millis(200) } else { Duration::from_secs(2) },
             duration,
             customers: if s { 8 } else { levels.iter().copied().max().unwrap_or(1) },
+            shoppers: if s { 256 } else { 32_768 },
             levels,
             products: o.products.unwrap_or(64).max(1),
             burst: pick(o.burst_orders, 2_000, 300),

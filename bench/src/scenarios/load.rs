@@ -8,9 +8,9 @@ use anyhow::Result;
 use super::{deploy, finish, label_case, spec};
 use crate::{
     client::{run_load, Gql, LoadResult},
-    log, procfs,
+    direct, log, procfs,
     report::{summarise, Cell, Table},
-    server::{Deployment, StoreKind},
+    server::{Deployment, Launch, StoreKind},
     Ctx,
 };
 
@@ -48,17 +48,35 @@ fn load_cells(r: &mut LoadResult, store: Option<StoreKind>, has_pid: bool) -> Ve
     ]
 }
 
-/// Products and customers for order load; returns (bodies per product, tokens).
+/// Products and customers for order load; returns (bodies per product,
+/// tokens). On a deployment the harness started (its database at hand)
+/// the customers are `shoppers` written straight into it, with tokens
+/// issued by shopgraph's own `Auth` under the deployment's `JWT_SECRET`, so
+/// that each holds a few unpaid orders as real shoppers do; elsewhere
+/// `customers` register through the API.
 async fn order_setup(
     gql: &Gql,
-    admin: &str,
+    dep: &Deployment,
     products: usize,
     customers: usize,
+    shoppers: usize,
 ) -> Result<(Arc<Vec<String>>, Arc<Vec<String>>)> {
-    let ids = gql.create_products(admin, products, 1_000_000_000).await?;
+    let ids = gql.create_products(&dep.admin, products, 1_000_000_000).await?;
     let bodies: Vec<String> = ids.iter().map(|p| Gql::create_order_body(*p, 1)).collect();
-    log(&format!("  registering {customers} customers"));
-    let tokens: Vec<String> = gql.register_many(customers, 4).await?.into_iter().map(|c| c.token).collect();
+    let tokens: Vec<String> = match (&dep.db, dep.env.get("JWT_SECRET"), &dep.target.launch) {
+        (Some(db), Some(secret), Launch::Binary(_)) => {
+            log(&format!("  writing {shoppers} customers"));
+            let mut conn = direct::DbConn::open(db).await?;
+            let ids = conn.insert_customers(shoppers as i64).await?;
+            conn.close().await;
+            let auth = shopgraph::auth::Auth::new(None, secret.as_bytes(), std::time::Duration::from_secs(24 * 3600));
+            ids.into_iter().map(|id| auth.issue_token(shopgraph::domain::CustomerId(id))).collect()
+        }
+        _ => {
+            log(&format!("  registering {customers} customers"));
+            gql.register_many(customers, 4).await?.into_iter().map(|c| c.token).collect()
+        }
+    };
     Ok((Arc::new(bodies), Arc::new(tokens)))
 }
 
@@ -76,7 +94,8 @@ async fn order_load(
         let gql = gql.clone();
         // each worker walks the products from its own offset: little row contention
         let body = bodies[(w + seq as usize) % bodies.len()].clone();
-        let token = tokens[w % tokens.len()].clone();
+        // the workers take the customers in turn, each its next one
+        let token = tokens[(seq as usize * level + w) % tokens.len()].clone();
         async move { gql.post_body(Some(&token), body).await.map(|_| ()) }
     })
     .await
@@ -84,8 +103,8 @@ async fn order_load(
 
 pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
     let mut t = Table::new(&format!(
-            "createOrder: closed-loop throughput and latency (1 line, quantity 1, products round-robin over {}, one customer per worker)",
-            ctx.sizes.products
+            "createOrder: closed-loop throughput and latency (1 line, quantity 1, products round-robin over {}; each request from the next of {} customers, so each holds a few unpaid orders)",
+            ctx.sizes.products, ctx.sizes.shoppers
         ),
         CREATE_COLUMNS,
     );
@@ -100,7 +119,8 @@ pub async fn create_order(ctx: &Ctx) -> Vec<Table> {
             };
             let res: Result<()> = async {
                 let gql = Gql::new(ctx.http.clone(), &dep.http);
-                let (bodies, tokens) = order_setup(&gql, &dep.admin, ctx.sizes.products, ctx.sizes.customers).await?;
+                let (bodies, tokens) =
+                    order_setup(&gql, &dep, ctx.sizes.products, ctx.sizes.customers, ctx.sizes.shoppers).await?;
                 for &level in &ctx.sizes.levels {
                     log(&format!("  createOrder c{level}"));
                     let mut r = order_load(ctx, &dep, &gql, &bodies, &tokens, level).await;
@@ -224,7 +244,8 @@ pub async fn resources(ctx: &Ctx) -> Vec<Table> {
                 tokio::time::sleep(ctx.sizes.idle_wait).await;
                 let idle = pid.and_then(procfs::rss_kib);
                 let gql = Gql::new(ctx.http.clone(), &dep.http);
-                let (bodies, tokens) = order_setup(&gql, &dep.admin, 16, if ctx.opts.smoke { 4 } else { 16 }).await?;
+                let (bodies, tokens) =
+                    order_setup(&gql, &dep, 16, if ctx.opts.smoke { 4 } else { 16 }, ctx.sizes.shoppers).await?;
                 let after_setup = pid.and_then(procfs::rss_kib);
                 log("  createOrder c16 for resources");
                 let r = order_load(ctx, &dep, &gql, &bodies, &tokens, 16).await;
