@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use tracing::{info, warn, Instrument};
 
 use crate::{
@@ -39,7 +39,10 @@ impl Orders {
             Identity::Admin => return Err(ShopError::Forbidden("orders are placed by customers, not the admin")),
             Identity::Anonymous => return Err(ShopError::Unauthenticated("sign in to place an order")),
         };
-        let now = Utc::now();
+        // whole milliseconds, as clients are shown them and SQLite keeps
+        // them: both stores then hold the deadline a client sees, and agree
+        // at that instant (Postgres would keep microseconds after it)
+        let now = Utc::now().trunc_subsecs(3);
         let expires_at =
             now + chrono::Duration::from_std(self.ttl).expect("ORDER_TTL is at most 30 days (config::MAX_ORDER_TTL)");
         let started = std::time::Instant::now();

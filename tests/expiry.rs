@@ -84,9 +84,10 @@ both_stores! {
 
         // before the deadline nothing is overdue
         assert_eq!(app.orders.sweep_once(expires - chrono::Duration::milliseconds(1), 1000).await.unwrap(), 0);
-        // just after, only that order is overdue (in batches of one, the
-        // step goes on until a batch comes back short)
-        let just_after = expires + chrono::Duration::milliseconds(1);
+        // at the deadline clients are shown, only that order is overdue, on
+        // both stores (in batches of one, the step goes on until a batch
+        // comes back short)
+        let just_after = expires;
         assert_eq!(app.orders.sweep_once(just_after, 1).await.unwrap(), 1);
         let o = status(&app, &due).await;
         assert_eq!(o["status"], "CANCELLED");
