@@ -50,6 +50,8 @@ http {{
       proxy_cache catalog;
       proxy_cache_key $scheme$host$request_uri;
       proxy_cache_revalidate on;
+      # one request refreshes an expired entry; the others wait for it
+      proxy_cache_lock on;
       add_header X-Cache-Status $upstream_cache_status always;
     }}
   }}
