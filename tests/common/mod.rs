@@ -4,6 +4,7 @@
 //! websockets like any client.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod child;
 pub mod client;
 pub mod nginx;
