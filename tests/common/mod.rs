@@ -8,6 +8,7 @@ pub mod child;
 pub mod client;
 pub mod pg_cluster;
 pub mod redis;
+pub mod sentinel;
 pub mod ws;
 
 use std::{future::Future, sync::Arc, time::Duration};
