@@ -187,7 +187,7 @@ impl SentinelSet {
     }
 
     /// Asks a sentinel for a failover (`SENTINEL FAILOVER`): the primary
-    /// stays up and is demoted to a replica of the promoted one.
+    /// stays up, and is made a replica of the promoted one some seconds later.
     pub async fn failover(&self) {
         let mut conn = self.sentinels[0].conn().await.expect("a sentinel");
         let ok: String = redis::cmd("SENTINEL").arg("failover").arg(MASTER).query_async(&mut conn).await.unwrap();
