@@ -104,7 +104,8 @@ async fn the_server_starts_on_a_sentinel_url_and_an_order_expires_on_time() {
 /// failover, instance B's (8 s) after it: every one is cancelled, each
 /// subscriber (one per instance) gets exactly one event per order, stock
 /// adds up, and new orders and `payOrder` work against the new primary,
-/// which the server gave expired-key events.
+/// which the server gave expired-key events. Orders the customer cancels
+/// while there is no primary reach the other instance once, from the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_loses_no_cancellation_and_publishes_none_twice() {
     killed_primary(Backend::Sqlite).await;
@@ -149,6 +150,13 @@ async fn killed_primary(backend: Backend) {
     let killed_at = Utc::now();
     let killed = Instant::now();
     set.primary.kill();
+    // cancelled by the customer while there is no primary: the relay's
+    // PUBLISH fails, the events wait in the outbox
+    let by_customer: Vec<String> = due_after.drain(..3).collect();
+    for id in &by_customer {
+        let v = a.cancel(&token, id).await;
+        assert_eq!(v["data"]["cancelOrder"]["cancelReason"], "CUSTOMER", "{v}");
+    }
 
     set.wait_promoted(Duration::from_secs(30)).await;
     let promoted = killed.elapsed();
@@ -172,7 +180,9 @@ async fn killed_primary(backend: Backend) {
     let v = a.pay(&token, &paid).await;
     assert_eq!(v["data"]["payOrder"]["status"], "PAID", "{v}");
 
-    let every: Vec<String> = due_in_failover.iter().chain(&due_after).chain(&after).cloned().collect();
+    let every: Vec<String> =
+        due_in_failover.iter().chain(&due_after).chain(&after).chain(&by_customer).cloned().collect();
+    let reason = |id: &String| if by_customer.contains(id) { "CUSTOMER" } else { "EXPIRED" };
     let mut per_instance = Vec::new();
     for ws in [&mut ws_a, &mut ws_b] {
         let events = ws.cancellations_until(Duration::from_secs(30), |seen| seen.len() >= every.len()).await;
@@ -181,7 +191,7 @@ async fn killed_primary(backend: Backend) {
         got.sort();
         want.sort();
         assert_eq!(got, want, "events for exactly the unpaid orders\n{}", set.logs());
-        assert!(events.values().all(|e| e["reason"] == "EXPIRED"), "{events:?}");
+        assert!(events.iter().all(|(id, e)| e["reason"] == reason(id)), "{events:?}");
         per_instance.push(events);
     }
     let events: &HashMap<String, Value> = &per_instance[0];
@@ -197,7 +207,7 @@ async fn killed_primary(backend: Backend) {
 
     for id in &every {
         let o = a.order(ADMIN, id).await;
-        assert_eq!((o["status"].as_str(), o["cancelReason"].as_str()), (Some("CANCELLED"), Some("EXPIRED")), "{o}");
+        assert_eq!((o["status"].as_str(), o["cancelReason"].as_str()), (Some("CANCELLED"), Some(reason(id))), "{o}");
     }
     assert_eq!(a.order(ADMIN, &paid).await["status"], "PAID");
     assert_eq!((a.stock(&p).await, a.stock(&q).await), (995, 995), "only the paid order holds stock");
