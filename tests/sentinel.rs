@@ -220,16 +220,17 @@ async fn killed_primary(backend: Backend) {
     a.stop().await;
 }
 
-/// A failover the operator asks for (`SENTINEL FAILOVER`): the old primary
-/// stays up (Sentinel turns it into a replica seconds later), and every
-/// connection to it would stay open. The
-/// server moves all of them: orders due after the failover are cancelled
-/// on time, which only the listener subscribed on the new primary can do
-/// (the sweep is an hour away, and the nudger trusts a listener it thinks
-/// is up).
+/// A failover the operator asks for (`SENTINEL FAILOVER`), after the first
+/// sentinel of the URL died: the old primary stays up (Sentinel turns it
+/// into a replica seconds later, so `ROLE` still says master), and every
+/// connection to it would stay open. The server hears `+switch-master` on
+/// another sentinel and moves all of them: orders due after the failover are
+/// cancelled on time, which only the listener subscribed on the new primary
+/// can do (the sweep is an hour away, and the nudger trusts a listener it
+/// thinks is up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demoted_primary_that_stays_up_is_left_for_the_promoted_one() {
-    let set = SentinelSet::start().await;
+    let mut set = SentinelSet::start().await;
     let app = common::spawn_app_with(Backend::Sqlite, |c| {
         c.redis_url = Some(set.url());
         c.order_ttl = Duration::from_secs(4);
@@ -245,6 +246,7 @@ async fn a_demoted_primary_that_stays_up_is_left_for_the_promoted_one() {
         ids.push(app.order_id(&token, &[(&product, 2)]).await);
     }
     set.wait_replicated(Duration::from_secs(5)).await;
+    set.sentinels[0].kill();
     set.failover().await;
     set.wait_promoted(Duration::from_secs(30)).await;
     common::eventually(Duration::from_secs(10), || async {

@@ -43,6 +43,11 @@ impl Node {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Not killed yet.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// A fresh connection (a killed node: an error).
     pub async fn conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.url())?;
@@ -186,22 +191,24 @@ impl SentinelSet {
         .await
     }
 
-    /// Asks a sentinel for a failover (`SENTINEL FAILOVER`): the primary
-    /// stays up, and is made a replica of the promoted one some seconds later.
+    /// Asks the last sentinel for a failover (`SENTINEL FAILOVER`, which
+    /// needs no agreement): the primary stays up, and is made a replica of
+    /// the promoted one some seconds later.
     pub async fn failover(&self) {
-        let mut conn = self.sentinels[0].conn().await.expect("a sentinel");
+        let mut conn = self.sentinels.last().unwrap().conn().await.expect("a sentinel");
         let ok: String = redis::cmd("SENTINEL").arg("failover").arg(MASTER).query_async(&mut conn).await.unwrap();
         assert_eq!(ok, "OK");
     }
 
-    /// Waits until every sentinel names the replica and it says it is master.
+    /// Waits until every running sentinel names the replica and it says it
+    /// is master.
     pub async fn wait_promoted(&self, limit: Duration) {
         let replica = self.replica.port;
         eventually(limit, || async move {
             if self.replica.replication("role").await.as_deref() != Some("master") {
                 return None;
             }
-            for s in &self.sentinels {
+            for s in self.sentinels.iter().filter(|s| s.running()) {
                 let mut conn = s.conn().await.ok()?;
                 let named: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("get-master-addr-by-name")
