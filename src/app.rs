@@ -7,7 +7,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use async_graphql::dataloader::DataLoader;
 use axum::Router;
 use rand::RngCore;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -36,8 +36,9 @@ use crate::{
     ratelimit::{LimitSettings, Limits},
     redis::{
         client::{self, TrustedCa},
+        conn, sentinel,
         server::{self, PrivateRedis, RedisStartError},
-        RedisConn,
+        subscription, RedisConn,
     },
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
@@ -88,10 +89,11 @@ impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         telemetry::metrics_handle();
         let store = open_store(&config).await?;
-        let redis = RedisLink::connect(&config).await?;
+        let mut redis = RedisLink::connect(&config).await?;
         let (domain, relay_inbox) = Domain::new(&config, store, &redis);
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
+        redis.spawn_follower(&tracker, &shutdown);
         let listener_state = spawn_background(&config, &domain, &redis, relay_inbox, &tracker, &shutdown);
         let state = http_state(&config, &domain, &redis, listener_state, &shutdown);
         let router = http::router(state, &config.demo_dir);
@@ -135,38 +137,56 @@ impl App {
     }
 }
 
-/// The Redis of this process: a client for subscriptions (each opens its
+/// The Redis of this process: where subscriptions connect (each opens its
 /// own connection) and one managed connection for every command.
 struct RedisLink {
     url: String,
     /// The private server, when one had to be started.
     private: Option<PrivateRedis>,
-    client: redis::Client,
+    target: subscription::Target,
     conn: RedisConn,
     /// The database index, whose keyspace events the listener reads.
     db: i64,
+    /// Sentinel only: the task that follows failovers, until spawned.
+    follower: Option<sentinel::Follower>,
 }
 
 impl RedisLink {
     async fn connect(config: &Config) -> Result<RedisLink, StartError> {
         let ca =
             config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
+        if let Some(url) = config.redis_url.as_deref().filter(|u| sentinel::is_sentinel(u)) {
+            let followed = sentinel::connect(url, ca.as_ref())
+                .await
+                .map_err(|reason| RedisStartError::Unreachable { url: crate::config::redact_url(url), reason })?;
+            return Ok(RedisLink {
+                url: url.to_string(),
+                private: None,
+                target: subscription::Target::followed(followed.primary),
+                conn: followed.conn,
+                db: followed.db,
+                follower: Some(followed.follower),
+            });
+        }
         let (url, private) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
-        let unreachable =
-            |e: redis::RedisError| RedisStartError::Unreachable { url: url.clone(), reason: e.to_string() };
+        let unreachable = |e: redis::RedisError| RedisStartError::Unreachable {
+            url: crate::config::redact_url(&url),
+            reason: e.to_string(),
+        };
         let client = client::client(&url, ca.as_ref()).map_err(unreachable)?;
         let db = client.get_connection_info().redis_settings().db();
-        // Commands fail fast while Redis is away: an order is still placed
-        // (the sweep covers it) instead of hanging on a dead connection.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(1000)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
         let conn = RedisConn::single(
-            ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(unreachable)?,
+            ConnectionManager::new_with_config(client.clone(), conn::manager_config()).await.map_err(unreachable)?,
         );
-        Ok(RedisLink { url, private, client, conn, db })
+        Ok(RedisLink { url, private, target: client.into(), conn, db, follower: None })
+    }
+
+    /// Starts what keeps the connections on the right server (Sentinel's
+    /// follower), if this topology has one.
+    fn spawn_follower(&mut self, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        if let Some(follower) = self.follower.take() {
+            tracker.spawn(follower.run(shutdown.clone()));
+        }
     }
 }
 
@@ -227,7 +247,7 @@ fn spawn_background(
     let (keys, conn) = (&domain.keys, &redis.conn);
     let outbox = Outbox::new(domain.store.clone());
     tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
-    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.client.clone(), keys.events(), shutdown.clone()));
+    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.target.clone(), keys.events(), shutdown.clone()));
 
     let listener_state = Arc::new(ListenerState::default());
     let sweep_now = Arc::new(Notify::new());
@@ -237,7 +257,7 @@ fn spawn_background(
     let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
     tracker.spawn(canary.run(shutdown.clone()));
     let listener = Listener {
-        client: redis.client.clone(),
+        target: redis.target.clone(),
         conn: conn.clone(),
         keys: keys.clone(),
         db: redis.db,

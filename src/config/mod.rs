@@ -186,14 +186,30 @@ impl Config {
     }
 }
 
-/// The URL without its password, for error messages.
+/// The URL without its password, for error messages and logs; also the
+/// forms with several hosts (`redis-sentinel://u:p@a:1,b:2/0#m`), which are
+/// not URLs to the `url` crate.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        _ => raw.to_string(),
+        Ok(_) => raw.to_string(),
+        Err(_) => redact_userinfo(raw),
+    }
+}
+
+/// `scheme://user:***@rest`: the password between the userinfo's first `:`
+/// and the authority's last `@` replaced.
+fn redact_userinfo(raw: &str) -> String {
+    let Some(start) = raw.find("://").map(|i| i + 3) else { return raw.to_string() };
+    let rest = &raw[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else { return raw.to_string() };
+    match authority[..at].find(':') {
+        Some(colon) => format!("{}{}:***{}", &raw[..start], &rest[..colon], &rest[at..]),
+        None => raw.to_string(),
     }
 }
 
@@ -226,6 +242,20 @@ mod tests {
     fn a_bad_redis_url_is_refused() {
         let args = ConfigArgs { redis_url: Some("http://nope".into()), ..Default::default() };
         assert_eq!(args.into_config().unwrap_err().var, "REDIS_URL");
+    }
+
+    #[test]
+    fn sentinel_urls_are_validated_and_their_passwords_redacted() {
+        let url = |u: &str| ConfigArgs { redis_url: Some(u.into()), ..Default::default() }.into_config();
+        let ok = url("redis-sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26379/2#shop").unwrap();
+        assert_eq!(ok.redis_url.as_deref(), Some("redis-sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26379/2#shop"));
+        let err = url("redis-sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26379/2").unwrap_err();
+        assert_eq!(err.var, "REDIS_URL");
+        let text = err.to_string();
+        assert!(text.contains("master") && text.contains("redis-sentinel://"), "{text}");
+        assert!(!text.contains("s3cret") && text.contains("app:***@"), "{text}");
+        assert_eq!(redact_url("rediss-sentinel://:pw@a:1,b:2/0#m"), "rediss-sentinel://:***@a:1,b:2/0#m".to_string());
+        assert_eq!(redact_url("redis-sentinel://a:1,b:2/0#m"), "redis-sentinel://a:1,b:2/0#m");
     }
 
     #[test]

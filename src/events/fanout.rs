@@ -17,9 +17,15 @@ use super::{outbox::Outbox, EventBus};
 use crate::{domain::OrderEvent, redis::subscription};
 
 /// Runs the subscription until shutdown, reconnecting as often as it takes.
-pub async fn run(bus: EventBus, outbox: Outbox, client: redis::Client, channel: String, shutdown: CancellationToken) {
+pub async fn run(
+    bus: EventBus,
+    outbox: Outbox,
+    target: impl Into<subscription::Target>,
+    channel: String,
+    shutdown: CancellationToken,
+) {
     let mut handler = FanoutHandler { bus, outbox, lost_at: None };
-    subscription::run(client, channel, "event fan-out", &mut handler, shutdown).await;
+    subscription::run(target, channel, "event fan-out", &mut handler, shutdown).await;
 }
 
 struct FanoutHandler {

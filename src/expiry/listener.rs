@@ -95,7 +95,8 @@ const BATCH: usize = 500;
 const WORKERS: usize = 4;
 
 pub struct Listener {
-    pub client: redis::Client,
+    /// Where to subscribe: the Redis, or the primary a Sentinel follower names.
+    pub target: subscription::Target,
     pub conn: RedisConn,
     pub keys: Keys,
     pub db: i64,
@@ -201,7 +202,7 @@ impl Listener {
             ids: tx,
         };
         let channel = format!("__keyevent@{}__:expired", self.db);
-        subscription::run(self.client, channel, "expiry listener", &mut events, shutdown).await;
+        subscription::run(self.target, channel, "expiry listener", &mut events, shutdown).await;
         self.state.up.store(false, Ordering::Relaxed);
     }
 }

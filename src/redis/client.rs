@@ -65,8 +65,11 @@ pub fn client(url: &str, ca: Option<&TrustedCa>) -> redis::RedisResult<redis::Cl
     }
 }
 
+/// Whether `url` speaks TLS to its data nodes (`rediss://`,
+/// `rediss-sentinel://`).
 pub fn is_tls(url: &str) -> bool {
-    url.trim_start().starts_with("rediss://")
+    let url = url.trim_start();
+    url.starts_with("rediss://") || url.starts_with("rediss-sentinel://")
 }
 
 /// A hint to add to a connection error that looks like a refused

@@ -1,6 +1,8 @@
 //! The Redis mechanism, apart from what the keys mean: how a connection is
 //! made ([`client`]: plain or TLS, the one constructor of `redis::Client`),
-//! a subscription that survives its connection ([`subscription`]), and the
+//! the command connection of every topology ([`conn`]), the primary Redis
+//! Sentinel names and following it across failovers ([`sentinel`]), a
+//! subscription that survives its connection ([`subscription`]), and the
 //! private `redis-server` started when none is reachable ([`server`]).
 //!
 //! What shopgraph keeps in Redis lives with its owners: expiry keys in
@@ -8,6 +10,7 @@
 
 pub mod client;
 pub mod conn;
+pub mod sentinel;
 pub mod server;
 pub mod subscription;
 

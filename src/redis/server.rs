@@ -13,7 +13,10 @@ use tracing::info;
 
 use crate::{
     config::DEFAULT_REDIS_URL,
-    redis::client::{self, TrustedCa},
+    redis::{
+        client::{self, TrustedCa},
+        sentinel,
+    },
 };
 
 /// A `redis-server` this process started; killed when dropped.
@@ -48,8 +51,13 @@ pub async fn ping(url: &str) -> Result<(), String> {
 /// How long a start-up PING may take before Redis counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// PINGs `url` within [`PING_TIMEOUT`]; over TLS trusting `ca` too.
+/// PINGs `url` within [`PING_TIMEOUT`]; over TLS trusting `ca` too. For a
+/// Sentinel URL: a sentinel names a primary and that node says it is one.
 pub async fn ping_with(url: &str, ca: Option<&TrustedCa>) -> Result<(), String> {
+    if sentinel::is_sentinel(url) {
+        let resolver = sentinel::Resolver::new(sentinel::SentinelUrl::parse(url)?, ca)?;
+        return resolver.resolve().await.map(|_| ());
+    }
     let client = client::client(url, ca).map_err(|e| e.to_string())?;
     let attempt = async {
         let mut conn = client.get_multiplexed_async_connection().await?;

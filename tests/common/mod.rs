@@ -10,6 +10,7 @@ pub mod client;
 pub mod nginx;
 pub mod pg_cluster;
 pub mod redis;
+pub mod sentinel;
 pub mod ws;
 
 use std::{future::Future, sync::Arc, time::Duration};
