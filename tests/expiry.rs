@@ -305,6 +305,41 @@ async fn a_redis_outage_loses_no_cancellation_and_no_event() {
     other.stop().await;
 }
 
+/// Redis restarts empty while orders are still ahead of their deadline: the
+/// listener finds the deployment's keys gone and writes them back, so each
+/// order is cancelled within the 1 s target after its deadline, not at the
+/// next sweep (an hour away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_ahead_of_their_deadline_expire_on_time_after_redis_comes_back_empty() {
+    let mut redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let app = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.order_ttl = Duration::from_secs(6);
+        c.sweep_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let a = app.create_product("A", 100, 100).await;
+    let (token, _) = app.customer().await;
+    let mut ws = watcher(&app).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(app.order_id(&token, &[(&a, 2)]).await);
+    }
+    redis.kill();
+    redis.restart().await;
+    let events = collect_events(&mut ws, ids.len(), Duration::from_secs(20)).await;
+    for id in &ids {
+        assert_eq!(events[id]["reason"], "EXPIRED");
+        let o = status(&app, id).await;
+        assert_eq!(o["status"], "CANCELLED");
+        let lag = time(&o["cancelledAt"]) - time(&o["expiresAt"]);
+        assert!(lag >= chrono::Duration::zero(), "{id} cancelled before its deadline");
+        assert!(lag <= chrono::Duration::milliseconds(1500), "{id} cancelled {lag} after its deadline");
+    }
+    assert_eq!(app.stock(&a).await, 100);
+}
+
 /// The listener's connection is killed again and again while orders expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_listener_connection_repeatedly_misses_nothing_and_doubles_nothing() {

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::{
     canary::{Arrival, CanaryInbox},
+    resync::Resync,
     schedule::Keys,
 };
 use crate::{domain::OrderId, orders::Orders, redis::subscription, telemetry};
@@ -109,6 +110,8 @@ pub struct Listener {
 }
 
 struct Events {
+    orders: Arc<Orders>,
+    resync: Resync,
     keys: Keys,
     conn: RedisConn,
     state: Arc<ListenerState>,
@@ -127,6 +130,8 @@ impl subscription::Handler for Events {
         self.state.up.store(true, Ordering::Relaxed);
         telemetry::listener_up(true);
         self.canary.check();
+        // this server may lack keys (emptied, or a promoted replica behind)
+        self.resync.connected(self.orders.clone(), reconnected);
         if reconnected {
             telemetry::listener_reconnected();
             // every expiry during the gap was lost
@@ -194,6 +199,8 @@ impl Listener {
         let CancelQueue { tx, rx } = self.queue;
         tracker.spawn(workers(self.orders.clone(), rx, tx.clone(), tracker.clone(), shutdown.clone()));
         let mut events = Events {
+            orders: self.orders.clone(),
+            resync: Resync::default(),
             keys: self.keys.clone(),
             conn: self.conn.clone(),
             state: self.state.clone(),

@@ -13,9 +13,12 @@
 //! * [`canary`] checks that expired events really arrive (no `CONFIG`
 //!   needed); while they do not, the nudger cancels what it claims itself.
 //! * [`sweeper`] cancels whatever no event reached: the safety net.
+//! * [`resync`] writes back the keys a new or emptied Redis server lacks,
+//!   so orders still ahead of their deadline expire on time after it.
 
 pub mod canary;
 pub mod listener;
 pub mod nudger;
+pub mod resync;
 pub mod schedule;
 pub mod sweeper;

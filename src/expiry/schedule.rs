@@ -29,6 +29,11 @@ impl Keys {
     pub fn events(&self) -> String {
         format!("{}events", self.prefix)
     }
+    /// Present while the server holds this deployment's expiry keys
+    /// ([`super::resync`]).
+    pub fn marker(&self) -> String {
+        format!("{}expiry-keys", self.prefix)
+    }
     /// The notification self-check's key for one probe.
     pub fn canary(&self, token: &str) -> String {
         format!("{}canary:{}", self.prefix, token)
