@@ -23,10 +23,11 @@
 //! * [`error`]: the domain's error vocabulary.
 //! * [`store`]: the storage trait and its Postgres and SQLite backends; all SQL.
 //! * [`expiry`]: expiry keys and the deadline index ([`expiry::schedule`]), the nudger, the
-//!   keyspace listener, the notification self-check, the sweeper.
+//!   keyspace listener, the notification self-check, the sweeper, the resync of lost keys.
 //! * [`events`]: order events: outbox relay to Redis, fan-out to subscribers, de-duplication.
-//! * [`redis`]: the Redis mechanism: connections (plain or TLS), a subscription that survives
-//!   reconnects, a private `redis-server` child when none is reachable.
+//! * [`redis`]: the Redis mechanism: connections (plain or TLS; one [`redis::RedisConn`] for every
+//!   topology; the primary Sentinel names, followed across failovers), a subscription that survives
+//!   reconnects and failovers, a private `redis-server` child when none is reachable.
 //! * [`ratelimit`]: rate limits (login per address and account, sign-ups, orders), shared through Redis.
 //! * [`client_addr`]: the client's address, from the peer or a trusted proxy's `X-Forwarded-For`.
 //! * [`telemetry`]: tracing and Prometheus metrics.
