@@ -88,6 +88,20 @@ impl Gql {
         v.get("data").cloned().ok_or_else(|| anyhow!("no data in the response"))
     }
 
+    /// Posts a prepared body and counts `needle` in the response, which must
+    /// be a 2xx without errors: for read loads, where parsing every
+    /// response would make the harness the busiest process on the machine.
+    pub async fn post_counting(&self, body: &'static str, needle: &str) -> Result<usize> {
+        let resp = self.http.post(&self.url).header("content-type", "application/json").body(body).send().await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let text = std::str::from_utf8(&bytes).unwrap_or_default();
+        if !status.is_success() || text.contains("\"errors\"") {
+            bail!("HTTP {status}: {}", &text[..text.len().min(200)]);
+        }
+        Ok(text.matches(needle).count())
+    }
+
     pub async fn call(&self, token: Option<&str>, query: &str, variables: Value) -> Result<Value> {
         self.post_body(token, json!({"query": query, "variables": variables}).to_string()).await
     }
