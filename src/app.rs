@@ -36,8 +36,9 @@ use crate::{
     ratelimit::{LimitSettings, Limits},
     redis::{
         client::{self, TrustedCa},
+        cluster::{self, ClusterTarget},
         server::{self, PrivateRedis, RedisStartError},
-        RedisConn,
+        RedisConn, Topology,
     },
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
@@ -135,13 +136,13 @@ impl App {
     }
 }
 
-/// The Redis of this process: a client for subscriptions (each opens its
-/// own connection) and one managed connection for every command.
+/// The Redis of this process: where subscriptions connect (each opens its
+/// own connections) and one managed connection for every command.
 struct RedisLink {
     url: String,
     /// The private server, when one had to be started.
     private: Option<PrivateRedis>,
-    client: redis::Client,
+    topology: Topology,
     conn: RedisConn,
     /// The database index, whose keyspace events the listener reads.
     db: i64,
@@ -151,6 +152,9 @@ impl RedisLink {
     async fn connect(config: &Config) -> Result<RedisLink, StartError> {
         let ca =
             config.redis_tls_ca_file.as_deref().map(TrustedCa::read).transpose().map_err(RedisStartError::TlsCa)?;
+        if let Some(url) = config.redis_url.as_deref().filter(|u| cluster::is_cluster(u)) {
+            return Self::connect_cluster(url, ca).await;
+        }
         let (url, private) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
         let unreachable =
             |e: redis::RedisError| RedisStartError::Unreachable { url: url.clone(), reason: e.to_string() };
@@ -166,7 +170,28 @@ impl RedisLink {
         let conn = RedisConn::single(
             ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(unreachable)?,
         );
-        Ok(RedisLink { url, private, client, conn, db })
+        Ok(RedisLink { url, private, topology: Topology::Single(client), conn, db })
+    }
+
+    /// A Redis Cluster by its seeds: the cluster command connection (which
+    /// must reach a seed now), database 0.
+    async fn connect_cluster(url: &str, ca: Option<TrustedCa>) -> Result<RedisLink, StartError> {
+        let unreachable = |reason: String| {
+            let reason = format!("{reason}{}", client::tls_hint(url, &reason));
+            RedisStartError::Unreachable { url: crate::config::redact_url(url), reason }
+        };
+        let target = ClusterTarget::parse(url).map_err(&unreachable)?.with_ca(ca);
+        let conn = tokio::time::timeout(Duration::from_secs(5), target.connect())
+            .await
+            .map_err(|_| unreachable("no seed node answered within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(RedisLink {
+            url: url.to_string(),
+            private: None,
+            topology: Topology::Cluster(target),
+            conn: RedisConn::cluster(conn),
+            db: 0,
+        })
     }
 }
 
@@ -227,7 +252,7 @@ fn spawn_background(
     let (keys, conn) = (&domain.keys, &redis.conn);
     let outbox = Outbox::new(domain.store.clone());
     tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
-    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.client.clone(), keys.events(), shutdown.clone()));
+    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.topology.clone(), keys.events(), shutdown.clone()));
 
     let listener_state = Arc::new(ListenerState::default());
     let sweep_now = Arc::new(Notify::new());
@@ -237,7 +262,7 @@ fn spawn_background(
     let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
     tracker.spawn(canary.run(shutdown.clone()));
     let listener = Listener {
-        client: redis.client.clone(),
+        topology: redis.topology.clone(),
         conn: conn.clone(),
         keys: keys.clone(),
         db: redis.db,

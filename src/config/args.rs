@@ -222,10 +222,25 @@ impl ConfigArgs {
     fn redis(&mut self, c: &mut Config) -> Result<(), ConfigError> {
         if let Some(url) = self.redis_url.take() {
             let url = url.trim().to_string();
-            let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
-                bad("REDIS_URL", format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&url)))
-            })?;
-            let _ = info;
+            if crate::redis::cluster::is_cluster(&url) {
+                crate::redis::cluster::ClusterTarget::parse(&url).map_err(|e| {
+                    bad(
+                        "REDIS_URL",
+                        format!(
+                            "invalid Redis Cluster URL {:?}: {e} (expected redis-cluster://host:port,host:port,…)",
+                            redact_url(&url)
+                        ),
+                    )
+                })?;
+            } else {
+                let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
+                    bad(
+                        "REDIS_URL",
+                        format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&url)),
+                    )
+                })?;
+                let _ = info;
+            }
             c.redis_url = Some(url);
         }
         if let Some(path) = self.redis_tls_ca_file.take().filter(|p| !p.trim().is_empty()) {
@@ -403,7 +418,9 @@ fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, Con
     };
     let path = PathBuf::from(path);
     let ca = crate::redis::client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
-    crate::redis::client::client(url, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    if !crate::redis::cluster::is_cluster(url) {
+        crate::redis::client::client(url, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    }
     Ok(path)
 }
 

@@ -1,14 +1,17 @@
 //! The Redis mechanism, apart from what the keys mean: how a connection is
 //! made ([`client`]: plain or TLS, the one constructor of `redis::Client`),
-//! a subscription that survives its connection ([`subscription`]), and the
-//! private `redis-server` started when none is reachable ([`server`]).
+//! a subscription that survives its connection ([`subscription`]), the
+//! private `redis-server` started when none is reachable ([`server`]), and
+//! Redis Cluster's seeds, primaries and sharded subscriptions ([`cluster`]).
 //!
 //! What shopgraph keeps in Redis lives with its owners: expiry keys in
 //! [`crate::expiry::schedule`], event publishing in [`crate::events`].
 
 pub mod client;
+pub mod cluster;
 pub mod conn;
 pub mod server;
 pub mod subscription;
 
+pub use cluster::Topology;
 pub use conn::RedisConn;

@@ -1,0 +1,288 @@
+//! Redis Cluster mechanics: the seed-node URL form
+//! (`redis-cluster://[user:password@]host:port,host:port,…`,
+//! `rediss-cluster://` for TLS; the database is always 0), the cluster
+//! command connection, the primaries of the current topology, and a sharded
+//! (`SSUBSCRIBE`) subscription that follows its channel's slot.
+//!
+//! What is per node stays per node: keyspace notifications are neither
+//! broadcast nor replicated, so the expiry listener subscribes to every
+//! primary on its own plain connection ([`ClusterTarget::node_client`])
+//! and follows [`primaries`]; redis-rs's cluster pub/sub would route a
+//! `SUBSCRIBE` to one arbitrary node.
+
+use std::time::Duration;
+
+use redis::{cluster::ClusterClientBuilder, PushKind, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{
+    client::{self, TrustedCa},
+    subscription::Handler,
+};
+
+/// Where subscriptions connect: one server, or every node of a Cluster
+/// that they need (each opens its own connections).
+#[derive(Clone, Debug)]
+pub enum Topology {
+    Single(redis::Client),
+    Cluster(ClusterTarget),
+}
+
+/// Whether `url` names a Redis Cluster by its seed nodes.
+pub fn is_cluster(url: &str) -> bool {
+    let url = url.trim_start();
+    url.starts_with("redis-cluster://") || url.starts_with("rediss-cluster://")
+}
+
+/// A Redis Cluster as configured: its seed nodes, credentials and TLS.
+#[derive(Clone, Debug)]
+pub struct ClusterTarget {
+    tls: bool,
+    /// `user:password` exactly as written (still URL-encoded).
+    userinfo: Option<String>,
+    /// `host:port` of each seed.
+    seeds: Vec<String>,
+    ca: Option<TrustedCa>,
+}
+
+impl ClusterTarget {
+    /// Parses a `redis-cluster://` or `rediss-cluster://` URL; the error
+    /// says what is wrong and never repeats the password.
+    pub fn parse(url: &str) -> Result<ClusterTarget, String> {
+        let url = url.trim();
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("rediss-cluster://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("redis-cluster://") {
+            (false, rest)
+        } else {
+            return Err("a cluster URL starts with redis-cluster:// or rediss-cluster://".into());
+        };
+        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+        let (userinfo, hosts) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()).filter(|u| !u.is_empty()), h),
+            None => (None, rest),
+        };
+        let (hosts, db) = hosts.split_once('/').unwrap_or((hosts, ""));
+        if !(db.is_empty() || db == "0") {
+            return Err(format!("a Redis Cluster has only database 0, not /{db}"));
+        }
+        let mut seeds = Vec::new();
+        for node in hosts.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match node.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                    seeds.push(node.to_string())
+                }
+                _ => return Err(format!("seed node {node:?} is not host:port")),
+            }
+        }
+        if seeds.is_empty() {
+            return Err("no seed node (expected host:port,host:port,…)".into());
+        }
+        Ok(ClusterTarget { tls, userinfo, seeds, ca: None })
+    }
+
+    /// Trusts `ca` (beside the system's roots) over TLS.
+    pub fn with_ca(mut self, ca: Option<TrustedCa>) -> ClusterTarget {
+        self.ca = ca;
+        self
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The plain URL of one node (`host:port`), with the cluster's
+    /// credentials and TLS.
+    pub fn node_url(&self, addr: &str) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        match &self.userinfo {
+            Some(u) => format!("{scheme}://{u}@{addr}/0"),
+            None => format!("{scheme}://{addr}/0"),
+        }
+    }
+
+    /// A client for one node, e.g. a primary's keyspace-event subscription.
+    pub fn node_client(&self, addr: &str) -> redis::RedisResult<redis::Client> {
+        client::client(&self.node_url(addr), self.ca.as_ref())
+    }
+
+    fn builder(&self) -> ClusterClientBuilder {
+        let seeds: Vec<String> = self.seeds.iter().map(|s| self.node_url(s)).collect();
+        let builder = ClusterClientBuilder::new(seeds);
+        match &self.ca {
+            Some(ca) if self.tls => builder.certs(ca.certificates()),
+            _ => builder,
+        }
+    }
+
+    /// The command connection: routes each command to its slot's primary
+    /// and follows `MOVED`. Commands fail fast while a primary is away (an
+    /// order is still placed; the sweep covers it) instead of retrying
+    /// through a failover.
+    pub async fn connect(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        self.builder()
+            .connection_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(1000))
+            .retries(2)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+            .build()?
+            .get_async_connection()
+            .await
+    }
+}
+
+/// The primaries that own slots now, as `host:port`, from `CLUSTER NODES`
+/// (asked of whichever node the connection picks).
+pub async fn primaries(conn: &mut super::RedisConn) -> redis::RedisResult<Vec<String>> {
+    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+    Ok(parse_primaries(&text))
+}
+
+/// The `host:port` of every primary that serves slots and is not marked
+/// failed (`fail?`, suspected by one node, still counts: it may be fine).
+fn parse_primaries(nodes: &str) -> Vec<String> {
+    let mut out: Vec<String> = nodes
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, flags) = (f.get(1)?, f.get(2)?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            let serving = flags.contains(&"master") && !flags.contains(&"fail") && !flags.contains(&"noaddr");
+            // slot ranges (or slots being imported/migrated) follow the link state
+            let has_slots = f.len() > 8;
+            let addr = addr.split(['@', ',']).next()?;
+            (serving && has_slots && !addr.starts_with(':')).then(|| addr.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the sharded subscription checks that its channel's slot
+/// still lives where it subscribed (a failover, a slot move).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Like [`super::subscription::run`], on a sharded channel of a Cluster:
+/// `SSUBSCRIBE` on the primary that owns the channel's slot (RESP3). Each
+/// second it reads the channel's slot (`EXISTS <channel>`), so a failover or
+/// slot move shows up as an error (or the server's `sunsubscribe`); then it
+/// drops the connection and subscribes afresh on the current owner.
+pub async fn run_sharded(
+    target: &ClusterTarget,
+    channel: String,
+    name: &'static str,
+    handler: &mut impl Handler,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut connected_before = false;
+    loop {
+        let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+        let attempt = async {
+            let client = target
+                .builder()
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx)
+                .connection_timeout(Duration::from_millis(500))
+                .response_timeout(Duration::from_millis(1000))
+                .retries(1)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(CONNECT_TIMEOUT, conn.ssubscribe(&channel))
+                .await
+                .map_err(|_| "ssubscribe timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(conn)
+        };
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match conn {
+            Ok(mut conn) => {
+                info!(%channel, reconnected = connected_before, "{name} subscribed (sharded)");
+                handler.connected(connected_before).await;
+                connected_before = true;
+                backoff = MIN_BACKOFF;
+                let mut probe = tokio::time::interval(PROBE_EVERY);
+                probe.reset();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        push = pushes.recv() => match push {
+                            Some(p) if p.kind == PushKind::SMessage => {
+                                if let [Value::BulkString(ch), Value::BulkString(payload)] = &p.data[..] {
+                                    handler.message(std::str::from_utf8(ch).unwrap_or("?"), payload).await;
+                                }
+                            }
+                            // the slot moved away, or the connection closed
+                            Some(p) if matches!(p.kind, PushKind::SUnsubscribe | PushKind::Disconnection) => break,
+                            Some(_) => {}
+                            None => break,
+                        },
+                        _ = probe.tick() => {
+                            let check = redis::cmd("EXISTS").arg(&channel).clone();
+                            let check = tokio::time::timeout(CONNECT_TIMEOUT, check.query_async::<Value>(&mut conn));
+                            if !matches!(check.await, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                handler.disconnected();
+                warn!(%channel, "{name} lost its shard's primary (failover, slot move or connection); subscribing again");
+            }
+            Err(e) => warn!(%channel, error = %e, "{name} cannot subscribe on the Cluster; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_names_seeds_credentials_and_tls() {
+        let t = ClusterTarget::parse("rediss-cluster://app:s%40cret@a.example:7000,b.example:7001/0").unwrap();
+        assert!(t.is_tls());
+        assert_eq!(t.seeds, vec!["a.example:7000", "b.example:7001"]);
+        assert_eq!(t.node_url("10.0.0.1:7002"), "rediss://app:s%40cret@10.0.0.1:7002/0");
+        let t = ClusterTarget::parse("redis-cluster://127.0.0.1:7000").unwrap();
+        assert_eq!(t.node_url("127.0.0.1:7000"), "redis://127.0.0.1:7000/0");
+        for bad in
+            ["redis-cluster://", "redis-cluster://host", "redis-cluster://h:1/2", "redis-cluster://h:x", "redis://h:1"]
+        {
+            assert!(ClusterTarget::parse(bad).is_err(), "{bad}");
+        }
+        let err = ClusterTarget::parse("redis-cluster://u:hunter2@h:1/3").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_primaries_are_the_masters_that_serve_slots() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001,host-b master,fail - 0 0 2 disconnected 5461-10922
+c3 127.0.0.1:7002@17002 master,fail? - 0 0 3 connected 10923-16383
+d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
+e5 127.0.0.1:7004@17004 master - 0 0 5 connected 5461-10922
+f6 127.0.0.1:7005@17005 master - 0 0 6 connected
+";
+        assert_eq!(parse_primaries(nodes), vec!["127.0.0.1:7000", "127.0.0.1:7002", "127.0.0.1:7004"]);
+    }
+}
