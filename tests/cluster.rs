@@ -186,3 +186,44 @@ async fn losing_a_primary_loses_no_cancellation_and_publishes_nothing_twice() {
     // the promoted primary was told to send expired-key events
     ready(&app).await;
 }
+
+/// On a single Redis: orders scheduled by a server from before the sharded
+/// layout (`<prefix>order:<id>` in `<prefix>deadlines`) still expire on
+/// time after the upgrade, through the nudger's drain of the old index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_in_the_layout_before_sharding_still_expire_on_time() {
+    use shopgraph::{domain::OrderId, expiry::schedule::Shard};
+    let app = common::spawn_app_with(Backend::Sqlite, |c| c.order_ttl = Duration::from_secs(3)).await;
+    let a = app.create_product("A", 100, 10).await;
+    let (token, _) = app.customer().await;
+    let id = app.order_id(&token, &[(&a, 2)]).await;
+    let deadline = time(&app.order(ADMIN, &id).await["expiresAt"]).timestamp_millis();
+    // rewrite its expiry as a server before sharding wrote it (this server's
+    // nudger looks at the old index only at start, and the deadline is ahead)
+    let keys = shopgraph::expiry::schedule::Keys { prefix: app.config.redis_key_prefix.clone() };
+    let order = OrderId(id.trim_start_matches("ord_").parse().unwrap());
+    let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let legacy = keys.order_in(Shard::Legacy, order);
+    let _: () = redis::pipe()
+        .atomic()
+        .del(keys.order(order))
+        .zrem(keys.deadlines(Shard::of(order)), order.0)
+        .hset(&legacy, "customer", "cus_1")
+        .pexpire_at(&legacy, deadline)
+        .zadd(keys.deadlines(Shard::Legacy), order.0, deadline)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // the upgraded server starts
+    let app = app.restart_with(|_| {}).await;
+    let mut ws = watcher(&app).await;
+    let events = ws.cancellations_until(Duration::from_secs(6), |s| !s.is_empty()).await;
+    assert_eq!(events[&id]["reason"], "EXPIRED");
+    let o = app.order(ADMIN, &id).await;
+    let lag = time(&o["cancelledAt"]) - time(&o["expiresAt"]);
+    assert!(lag.num_milliseconds() < 1000, "cancelled {lag} after its deadline");
+    assert_eq!(app.stock(&a).await, 10);
+    let left: bool = redis::cmd("EXISTS").arg(keys.deadlines(Shard::Legacy)).query_async(&mut conn).await.unwrap();
+    assert!(!left, "the old index is drained");
+}
