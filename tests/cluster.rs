@@ -99,8 +99,7 @@ async fn a_paid_order_stays_paid_and_leaves_no_deadline_behind() {
     let keys = shopgraph::expiry::schedule::Keys { prefix: app.config.redis_key_prefix.clone() };
     let id = shopgraph::domain::OrderId(paid.trim_start_matches("ord_").parse().unwrap());
     let port = cluster.owner_of(&keys.order(id)).await;
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = cluster.node_conn(port).await;
     let exists: bool = redis::cmd("EXISTS").arg(keys.order(id)).query_async(&mut conn).await.unwrap();
     let score: Option<i64> = redis::cmd("ZSCORE")
         .arg(keys.deadlines(shopgraph::expiry::schedule::Shard::of(id)))
@@ -226,4 +225,78 @@ async fn orders_in_the_layout_before_sharding_still_expire_on_time() {
     assert_eq!(app.stock(&a).await, 10);
     let left: bool = redis::cmd("EXISTS").arg(keys.deadlines(Shard::Legacy)).query_async(&mut conn).await.unwrap();
     assert!(!left, "the old index is drained");
+}
+
+/// A CA and a node certificate for 127.0.0.1 it signed (the `openssl` CLI).
+fn node_certs(dir: &std::path::Path) -> redis_cluster::Tls {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl on PATH");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=shopgraph cluster test CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ]
+        .concat(),
+    );
+    // serverAuth and clientAuth: the nodes also dial each other (cluster bus, replication)
+    let ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n";
+    std::fs::write(dir.join("node.ext"), ext).unwrap();
+    openssl(&[&["req"][..], &ec, &["-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node"]].concat());
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "node.ext",
+    ]);
+    redis_cluster::Tls { cert: dir.join("node.pem"), key: dir.join("node.key"), ca: dir.join("ca.pem") }
+}
+
+/// `rediss-cluster://` with `REDIS_TLS_CA_FILE`: every connection (commands,
+/// each primary's keyspace events, sharded order events) over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_orders_expire_on_every_shard_and_events_reach_a_second_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = node_certs(dir.path());
+    let cluster = RedisCluster::start_tls(tls.clone()).await;
+    assert!(cluster.url().starts_with("rediss-cluster://"));
+    let app = on_cluster(&cluster, |c| {
+        c.order_ttl = Duration::from_secs(2);
+        c.redis_tls_ca_file = Some(tls.ca.clone());
+    })
+    .await;
+    let sibling = app.sibling().await;
+    ready(&app).await;
+    ready(&sibling).await;
+    let a = app.create_product("A", 100, 100).await;
+    let (token, _) = app.customer().await;
+    let mut there = watcher(&sibling).await;
+    let n = usize::from(SHARDS);
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(app.order_id(&token, &[(&a, 1)]).await);
+    }
+    let events = there.cancellations_until(Duration::from_secs(10), |s| s.len() >= n).await;
+    for id in &ids {
+        assert_eq!(events[id]["reason"], "EXPIRED", "{id}");
+        let o = app.order(ADMIN, id).await;
+        let lag = time(&o["cancelledAt"]) - time(&o["expiresAt"]);
+        assert!(lag.num_milliseconds() < 1000, "{id} cancelled {lag} after its deadline");
+    }
+    assert_eq!(app.stock(&a).await, 100);
 }

@@ -2,6 +2,8 @@
 //! free ports, created with `redis-cli --cluster create`, ready once every
 //! node reports `cluster_state:ok`. Every node is killed when it drops.
 //! Notifications are left off, as on a fresh server: the app turns them on.
+//! [`RedisCluster::start_tls`] makes every node speak TLS only (clients,
+//! cluster bus and replication), with a given certificate.
 
 use std::{
     collections::HashMap,
@@ -12,7 +14,17 @@ use std::{
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     nodes: HashMap<u16, Child>,
+    /// Set when the nodes speak TLS only: their CA.
+    tls: Option<Tls>,
     _dir: tempfile::TempDir,
+}
+
+/// A node certificate (for 127.0.0.1), its key and the CA that signed it.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 /// A port whose cluster bus port (+10000) is free too.
@@ -26,8 +38,14 @@ fn free_port() -> u16 {
     }
 }
 
-async fn query(port: u16, cmd: &redis::Cmd) -> Option<String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?;
+async fn query_node(port: u16, tls: Option<&Tls>, cmd: &redis::Cmd) -> Option<String> {
+    let client = match tls {
+        Some(t) => {
+            let ca = shopgraph::redis::client::TrustedCa::read(&t.ca).ok()?;
+            shopgraph::redis::client::client(&format!("rediss://127.0.0.1:{port}/0"), Some(&ca)).ok()?
+        }
+        None => redis::Client::open(format!("redis://127.0.0.1:{port}/0")).ok()?,
+    };
     let attempt = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         cmd.query_async::<String>(&mut conn).await
@@ -37,12 +55,38 @@ async fn query(port: u16, cmd: &redis::Cmd) -> Option<String> {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with(None).await
+    }
+
+    /// Every node TLS only, with `tls`'s certificate (clients need not
+    /// present one); `url()` is then `rediss-cluster://…`.
+    pub async fn start_tls(tls: Tls) -> RedisCluster {
+        RedisCluster::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
         let mut nodes = HashMap::new();
         for &port in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            let mut cmd = Command::new("redis-server");
+            match &tls {
+                Some(t) => {
+                    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                        .args(["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "no"])
+                        .arg("--tls-cert-file")
+                        .arg(&t.cert)
+                        .arg("--tls-key-file")
+                        .arg(&t.key)
+                        .arg("--tls-ca-cert-file")
+                        .arg(&t.ca);
+                }
+                None => {
+                    cmd.args(["--port", &port.to_string()]);
+                }
+            }
+            let child = cmd
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
                 // a replica takes over however long ago it last heard from its primary
                 .args(["--cluster-replica-validity-factor", "0"])
@@ -56,16 +100,21 @@ impl RedisCluster {
                 .expect("redis-server on PATH");
             nodes.insert(port, child);
         }
-        let cluster = RedisCluster { ports, nodes, _dir: dir };
+        let cluster = RedisCluster { ports, nodes, tls, _dir: dir };
         for &port in &cluster.ports {
-            common_eventually(
-                Duration::from_secs(10),
-                || async move { query(port, &redis::cmd("PING")).await.map(|_| ()) },
-            )
+            let tls = cluster.tls.clone();
+            common_eventually(Duration::from_secs(10), || {
+                let tls = tls.clone();
+                async move { query_node(port, tls.as_ref(), &redis::cmd("PING")).await.map(|_| ()) }
+            })
             .await;
         }
         let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if let Some(t) = &cluster.tls {
+            cli.arg("--tls").arg("--cacert").arg(&t.ca);
+        }
+        let out = cli
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -78,12 +127,16 @@ impl RedisCluster {
         cluster
     }
 
+    async fn query(&self, port: u16, cmd: &redis::Cmd) -> Option<String> {
+        query_node(port, self.tls.as_ref(), cmd).await
+    }
+
     /// Until every live node says `cluster_state:ok` and knows the others.
     pub async fn wait_ok(&self) {
         let live: Vec<u16> = self.nodes.keys().copied().collect();
         for port in live {
             common_eventually(Duration::from_secs(20), || async move {
-                let info = query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
+                let info = self.query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
                 (info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")).then_some(())
             })
             .await;
@@ -93,13 +146,14 @@ impl RedisCluster {
     /// The `REDIS_URL` of this cluster (every primary-to-be as a seed).
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis-cluster://{}", seeds.join(","))
+        let scheme = if self.tls.is_some() { "rediss-cluster" } else { "redis-cluster" };
+        format!("{scheme}://{}", seeds.join(","))
     }
 
     /// `CLUSTER NODES` as a live node sees it.
     pub async fn nodes_text(&self) -> String {
         for port in self.nodes.keys() {
-            if let Some(text) = query(*port, redis::cmd("CLUSTER").arg("NODES")).await {
+            if let Some(text) = self.query(*port, redis::cmd("CLUSTER").arg("NODES")).await {
                 return text;
             }
         }
@@ -110,8 +164,7 @@ impl RedisCluster {
     pub async fn owner_of(&self, key: &str) -> u16 {
         let port = *self.nodes.keys().next().unwrap();
         let slot: i64 = {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = self.node_conn(port).await;
             redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut conn).await.unwrap()
         };
         for line in self.nodes_text().await.lines() {
@@ -131,6 +184,18 @@ impl RedisCluster {
         panic!("no primary serves slot {slot}");
     }
 
+    /// A plain (non-cluster) connection to one node.
+    pub async fn node_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let client = match &self.tls {
+            Some(t) => {
+                let ca = shopgraph::redis::client::TrustedCa::read(&t.ca).unwrap();
+                shopgraph::redis::client::client(&format!("rediss://127.0.0.1:{port}/0"), Some(&ca)).unwrap()
+            }
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap(),
+        };
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
     /// SIGKILLs one node.
     pub fn kill(&mut self, port: u16) {
         if let Some(mut child) = self.nodes.remove(&port) {
@@ -145,8 +210,8 @@ impl RedisCluster {
         let live: Vec<u16> = self.nodes.keys().copied().collect();
         for port in live {
             common_eventually(Duration::from_secs(30), || async move {
-                let info = query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
-                let nodes = query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
+                let info = self.query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
+                let nodes = self.query(port, redis::cmd("CLUSTER").arg("NODES")).await?;
                 let failed = nodes.lines().any(|l| l.contains(&format!(":{killed}@")) && l.contains("fail"));
                 (info.contains("cluster_state:ok") && failed).then_some(())
             })
