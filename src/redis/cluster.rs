@@ -133,27 +133,35 @@ impl ClusterTarget {
     }
 }
 
-/// The primaries that own slots now, as `host:port`, from `CLUSTER NODES`
-/// (asked of whichever node the connection picks).
+/// The primaries that own slots now, as `host:port`, from `CLUSTER SLOTS`
+/// (asked of whichever node the connection picks): the same view, with the
+/// same preferred endpoints (ip or announced hostname, TLS port on a TLS
+/// cluster), that the command connection routes by. A failed primary stays
+/// until its replica is promoted (its subscription just retries meanwhile).
 pub async fn primaries(conn: &mut super::RedisConn) -> redis::RedisResult<Vec<String>> {
-    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
-    Ok(parse_primaries(&text))
+    let slots: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    Ok(parse_primaries(&slots))
 }
 
-/// The `host:port` of every primary that serves slots and is not marked
-/// failed (`fail?`, suspected by one node, still counts: it may be fine).
-fn parse_primaries(nodes: &str) -> Vec<String> {
-    let mut out: Vec<String> = nodes
-        .lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (addr, flags) = (f.get(1)?, f.get(2)?);
-            let flags: Vec<&str> = flags.split(',').collect();
-            let serving = flags.contains(&"master") && !flags.contains(&"fail") && !flags.contains(&"noaddr");
-            // slot ranges (or slots being imported/migrated) follow the link state
-            let has_slots = f.len() > 8;
-            let addr = addr.split(['@', ',']).next()?;
-            (serving && has_slots && !addr.starts_with(':')).then(|| addr.to_string())
+/// Each slot range is `[start, end, [endpoint, port, id, …], replicas…]`;
+/// an unknown endpoint (`?`, empty) is left out.
+fn parse_primaries(slots: &[Value]) -> Vec<String> {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out: Vec<String> = slots
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(range) = range else { return None };
+            let Some(Value::Array(primary)) = range.get(2) else { return None };
+            let host = text(primary.first()?)?;
+            let Some(Value::Int(port)) = primary.get(1) else { return None };
+            (!host.is_empty() && host != "?" && *port > 0).then(|| match host.contains(':') {
+                true => format!("[{host}]:{port}"),
+                false => format!("{host}:{port}"),
+            })
         })
         .collect();
     out.sort();
@@ -274,15 +282,20 @@ mod tests {
     }
 
     #[test]
-    fn the_primaries_are_the_masters_that_serve_slots() {
-        let nodes = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001,host-b master,fail - 0 0 2 disconnected 5461-10922
-c3 127.0.0.1:7002@17002 master,fail? - 0 0 3 connected 10923-16383
-d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
-e5 127.0.0.1:7004@17004 master - 0 0 5 connected 5461-10922
-f6 127.0.0.1:7005@17005 master - 0 0 6 connected
-";
-        assert_eq!(parse_primaries(nodes), vec!["127.0.0.1:7000", "127.0.0.1:7002", "127.0.0.1:7004"]);
+    fn the_primaries_are_the_first_node_of_each_slot_range() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::BulkString(b"id".to_vec())])
+        };
+        let range = |start: i64, end: i64, nodes: Vec<Value>| {
+            Value::Array([vec![Value::Int(start), Value::Int(end)], nodes].concat())
+        };
+        let slots = vec![
+            range(0, 99, vec![node("10.0.0.1", 7000), node("10.0.0.4", 7003)]),
+            range(100, 199, vec![node("node-b.example", 7001)]),
+            range(200, 299, vec![node("10.0.0.1", 7000)]),
+            range(300, 399, vec![node("?", 7002)]),
+            range(400, 499, vec![node("::1", 7005)]),
+        ];
+        assert_eq!(parse_primaries(&slots), vec!["10.0.0.1:7000", "[::1]:7005", "node-b.example:7001"]);
     }
 }
