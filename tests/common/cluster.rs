@@ -65,49 +65,35 @@ impl RedisCluster {
     }
 
     async fn start_with(tls: Option<Tls>) -> RedisCluster {
+        // one cluster starts at a time in a test process: concurrent starts
+        // would race for the free ports they picked
+        static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = STARTING.lock().await;
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
-        let mut nodes = HashMap::new();
-        for &port in &ports {
-            let mut cmd = Command::new("redis-server");
-            match &tls {
-                Some(t) => {
-                    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
-                        .args(["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "no"])
-                        .arg("--tls-cert-file")
-                        .arg(&t.cert)
-                        .arg("--tls-key-file")
-                        .arg(&t.key)
-                        .arg("--tls-ca-cert-file")
-                        .arg(&t.ca);
+        let mut cluster = RedisCluster { ports: Vec::new(), nodes: HashMap::new(), tls, _dir: dir };
+        while cluster.ports.len() < 6 {
+            let port = free_port();
+            let mut child = cluster.spawn_node(port);
+            // a port taken meanwhile by someone else: the server exits, try another
+            let up = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if cluster.query(port, &redis::cmd("PING")).await.is_some() {
+                        return true;
+                    }
+                    if child.try_wait().ok().flatten().is_some() {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                None => {
-                    cmd.args(["--port", &port.to_string()]);
-                }
-            }
-            let child = cmd
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                // a replica takes over however long ago it last heard from its primary
-                .args(["--cluster-replica-validity-factor", "0"])
-                .arg("--cluster-config-file")
-                .arg(dir.path().join(format!("nodes-{port}.conf")))
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH");
-            nodes.insert(port, child);
-        }
-        let cluster = RedisCluster { ports, nodes, tls, _dir: dir };
-        for &port in &cluster.ports {
-            let tls = cluster.tls.clone();
-            common_eventually(Duration::from_secs(10), || {
-                let tls = tls.clone();
-                async move { query_node(port, tls.as_ref(), &redis::cmd("PING")).await.map(|_| ()) }
             })
             .await;
+            if up == Ok(true) {
+                cluster.ports.push(port);
+                cluster.nodes.insert(port, child);
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let mut cli = Command::new("redis-cli");
@@ -127,6 +113,37 @@ impl RedisCluster {
         cluster
     }
 
+    fn spawn_node(&self, port: u16) -> Child {
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            Some(t) => {
+                cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(&t.cert)
+                    .arg("--tls-key-file")
+                    .arg(&t.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&t.ca);
+            }
+            None => {
+                cmd.args(["--port", &port.to_string()]);
+            }
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            // a replica takes over however long ago it last heard from its primary
+            .args(["--cluster-replica-validity-factor", "0"])
+            .arg("--cluster-config-file")
+            .arg(self._dir.path().join(format!("nodes-{port}.conf")))
+            .arg("--dir")
+            .arg(self._dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH")
+    }
+
     async fn query(&self, port: u16, cmd: &redis::Cmd) -> Option<String> {
         query_node(port, self.tls.as_ref(), cmd).await
     }
@@ -135,7 +152,7 @@ impl RedisCluster {
     pub async fn wait_ok(&self) {
         let live: Vec<u16> = self.nodes.keys().copied().collect();
         for port in live {
-            common_eventually(Duration::from_secs(20), || async move {
+            common_eventually(Duration::from_secs(60), || async move {
                 let info = self.query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
                 (info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")).then_some(())
             })
