@@ -36,9 +36,10 @@ use crate::{
     ratelimit::{LimitSettings, Limits},
     redis::{
         client::{self, TrustedCa},
+        cluster::{self, ClusterTarget},
         conn, sentinel,
         server::{self, PrivateRedis, RedisStartError},
-        subscription, RedisConn,
+        subscription, RedisConn, Topology,
     },
     serve::{self, ServeSettings},
     store::{self, PendingLimits, Store, StoreError},
@@ -143,7 +144,7 @@ struct RedisLink {
     url: String,
     /// The private server, when one had to be started.
     private: Option<PrivateRedis>,
-    target: subscription::Target,
+    topology: Topology,
     conn: RedisConn,
     /// The database index, whose keyspace events the listener reads.
     db: i64,
@@ -162,11 +163,14 @@ impl RedisLink {
             return Ok(RedisLink {
                 url: url.to_string(),
                 private: None,
-                target: subscription::Target::followed(followed.primary),
+                topology: Topology::Single(subscription::Target::followed(followed.primary)),
                 conn: followed.conn,
                 db: followed.db,
                 follower: Some(followed.follower),
             });
+        }
+        if let Some(url) = config.redis_url.as_deref().filter(|u| cluster::is_cluster(u)) {
+            return Self::connect_cluster(url, ca).await;
         }
         let (url, private) = server::resolve_with(config.redis_url.as_deref(), ca.as_ref()).await?;
         let unreachable = |e: redis::RedisError| RedisStartError::Unreachable {
@@ -178,7 +182,7 @@ impl RedisLink {
         let conn = RedisConn::single(
             ConnectionManager::new_with_config(client.clone(), conn::manager_config()).await.map_err(unreachable)?,
         );
-        Ok(RedisLink { url, private, target: client.into(), conn, db, follower: None })
+        Ok(RedisLink { url, private, topology: Topology::Single(client.into()), conn, db, follower: None })
     }
 
     /// Starts what keeps the connections on the right server (Sentinel's
@@ -187,6 +191,28 @@ impl RedisLink {
         if let Some(follower) = self.follower.take() {
             tracker.spawn(follower.run(shutdown.clone()));
         }
+    }
+
+    /// A Redis Cluster by its seeds: the cluster command connection (which
+    /// must reach a seed now), database 0.
+    async fn connect_cluster(url: &str, ca: Option<TrustedCa>) -> Result<RedisLink, StartError> {
+        let unreachable = |reason: String| {
+            let reason = format!("{reason}{}", client::tls_hint(url, &reason));
+            RedisStartError::Unreachable { url: crate::config::redact_url(url), reason }
+        };
+        let target = ClusterTarget::parse(url).map_err(&unreachable)?.with_ca(ca);
+        let conn = tokio::time::timeout(Duration::from_secs(5), target.connect())
+            .await
+            .map_err(|_| unreachable("no seed node answered within 5 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(RedisLink {
+            url: url.to_string(),
+            private: None,
+            topology: Topology::Cluster(target),
+            conn: RedisConn::cluster(conn),
+            db: 0,
+            follower: None,
+        })
     }
 }
 
@@ -247,7 +273,7 @@ fn spawn_background(
     let (keys, conn) = (&domain.keys, &redis.conn);
     let outbox = Outbox::new(domain.store.clone());
     tracker.spawn(relay::run(relay_inbox, outbox.clone(), conn.clone(), keys.events(), shutdown.clone()));
-    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.target.clone(), keys.events(), shutdown.clone()));
+    tracker.spawn(fanout::run(domain.events.clone(), outbox, redis.topology.clone(), keys.events(), shutdown.clone()));
 
     let listener_state = Arc::new(ListenerState::default());
     let sweep_now = Arc::new(Notify::new());
@@ -257,7 +283,7 @@ fn spawn_background(
     let (canary, canary_inbox) = Canary::new(conn.clone(), keys.clone(), listener_state.clone());
     tracker.spawn(canary.run(shutdown.clone()));
     let listener = Listener {
-        target: redis.target.clone(),
+        topology: redis.topology.clone(),
         conn: conn.clone(),
         keys: keys.clone(),
         db: redis.db,

@@ -162,7 +162,7 @@ async fn one_nudge_claims_the_deadlines_before_its_now_and_keeps_those_whose_key
     use shopgraph::expiry::{
         listener::ListenerState,
         nudger::{Fallback, Nudger},
-        schedule::Keys,
+        schedule::{Keys, Shard},
     };
     // a 60 s TTL: the server's own nudger (on Redis's clock) leaves these alone
     let app = common::spawn_app(Backend::Sqlite).await;
@@ -180,9 +180,11 @@ async fn one_nudge_claims_the_deadlines_before_its_now_and_keeps_those_whose_key
         Fallback { listener: std::sync::Arc::new(ListenerState::default()), cancel },
     );
     let member = id.trim_start_matches("ord_").to_string();
-    let key = format!("{prefix}order:{member}");
+    let keys = Keys { prefix: prefix.clone() };
+    let order_id = shopgraph::domain::OrderId(member.parse().unwrap());
+    let key = keys.order(order_id);
     let indexed = |mut conn: redis::aio::MultiplexedConnection| {
-        let (deadlines, member) = (format!("{prefix}deadlines"), member.clone());
+        let (deadlines, member) = (keys.deadlines(Shard::of(order_id)), member.clone());
         async move {
             let score: Option<i64> =
                 redis::cmd("ZSCORE").arg(deadlines).arg(member).query_async(&mut conn).await.unwrap();
@@ -214,18 +216,19 @@ async fn an_order_expires_on_time_while_a_hundred_thousand_others_are_pending() 
     // 100,000 other orders pending in Redis with long TTLs, as the server writes them
     let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let prefix = app.config.redis_key_prefix.clone();
+    let keys = shopgraph::expiry::schedule::Keys { prefix: app.config.redis_key_prefix.clone() };
+    let order = |id: i64| shopgraph::domain::OrderId(id);
     let far = chrono::Utc::now().timestamp_millis() + 3_600_000;
     for chunk in 0..100 {
         let mut pipe = redis::pipe();
         for i in 0..1000 {
             let id = 10_000_000 + chunk * 1000 + i;
-            let key = format!("{prefix}order:{id}");
+            let key = keys.order(order(id));
             pipe.hset(&key, "customer", "cus_1")
                 .ignore()
                 .pexpire_at(&key, far)
                 .ignore()
-                .zadd(format!("{prefix}deadlines"), id, far)
+                .zadd(keys.deadlines(shopgraph::expiry::schedule::Shard::of(order(id))), id, far)
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn).await.unwrap();
@@ -240,10 +243,11 @@ async fn an_order_expires_on_time_while_a_hundred_thousand_others_are_pending() 
         - chrono::DateTime::parse_from_rfc3339(o["expiresAt"].as_str().unwrap()).unwrap();
     assert!(lag.num_milliseconds() < 1000, "cancelled {lag} after the deadline");
     // clean up the shared Redis
-    let _: () = redis::cmd("UNLINK").arg(format!("{prefix}deadlines")).query_async(&mut conn).await.unwrap();
+    let indexes: Vec<String> = shopgraph::expiry::schedule::Shard::all().map(|s| keys.deadlines(s)).collect();
+    let _: () = redis::cmd("UNLINK").arg(indexes).query_async(&mut conn).await.unwrap();
     for chunk in 0..100 {
-        let keys: Vec<String> = (0..1000).map(|i| format!("{prefix}order:{}", 10_000_000 + chunk * 1000 + i)).collect();
-        let _: () = redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await.unwrap();
+        let ids: Vec<String> = (0..1000).map(|i| keys.order(order(10_000_000 + chunk * 1000 + i))).collect();
+        let _: () = redis::cmd("UNLINK").arg(ids).query_async(&mut conn).await.unwrap();
     }
 }
 
@@ -472,7 +476,8 @@ async fn an_expiry_event_before_the_database_deadline_is_rechecked_at_the_deadli
     // make Redis expire the key now, two seconds early
     let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{}order:{}", app.config.redis_key_prefix, id.trim_start_matches("ord_"));
+    let keys = shopgraph::expiry::schedule::Keys { prefix: app.config.redis_key_prefix.clone() };
+    let key = keys.order(shopgraph::domain::OrderId(id.trim_start_matches("ord_").parse().unwrap()));
     let _: () = redis::cmd("PEXPIRE").arg(&key).arg(1).query_async(&mut conn).await.unwrap();
     let _: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.unwrap();
     // not cancelled early...

@@ -7,11 +7,12 @@
 //!   from the id sequence, one `order_lines` row each, the product's stock
 //!   taken), from `generate_series` (Postgres) or a recursive CTE (SQLite),
 //!   100,000 rows per statement (migrations/*/…_init.sql);
-//! * Redis (src/expiry/mod.rs): for each order the hash
-//!   `<prefix>order:<id>` (`customer`, `total_cents`, `currency`,
-//!   `expires_at`) with `PEXPIREAT` at the deadline, and the member `<id>`
-//!   with score = deadline (ms) in the sorted set `<prefix>deadlines`,
-//!   pipelined 2,000 orders (6,000 commands) per round trip.
+//! * Redis (src/expiry/schedule.rs): for each order, in its deadline shard
+//!   `N = id mod 16`, the hash `<prefix>{sN}order:<id>` (`customer`,
+//!   `total_cents`, `currency`, `expires_at`) with `PEXPIREAT` at the
+//!   deadline, and the member `<id>` with score = deadline (ms) in the sorted
+//!   set `<prefix>{sN}deadlines`, pipelined up to 2,000 orders (6,000
+//!   commands) of one shard per round trip (one shard is one Cluster slot).
 //!
 //! Deadline of order `i` of `n`: `t0 + i * span / n` (ms, integer division),
 //! the same on both sides.
@@ -22,7 +23,10 @@ use anyhow::{bail, Result};
 use futures_util::{StreamExt, TryStreamExt};
 use sqlx::{Connection, Row};
 
-use crate::server::{redis_conn, Db, StoreKind};
+use crate::server::{redis_any, Db, StoreKind};
+
+/// The server's deadline shards (src/expiry/schedule.rs `SHARDS`).
+const SHARDS: i64 = 16;
 
 /// A range of orders written directly.
 #[derive(Clone, Copy, Debug)]
@@ -264,18 +268,22 @@ impl DbConn {
 
 /// Writes the expiry hash, `PEXPIREAT` and deadline entry of every order in `b`.
 pub async fn schedule_in_redis(redis_url: &str, prefix: &str, b: &Bulk) -> Result<()> {
-    const PER_PIPE: i64 = 2000;
-    let conn = redis_conn(redis_url).await?;
-    let starts: Vec<i64> = (0..(b.n + PER_PIPE - 1) / PER_PIPE).map(|k| b.first_id + k * PER_PIPE).collect();
-    futures_util::stream::iter(starts)
-        .map(|from| {
+    const PER_PIPE: usize = 2000;
+    let conn = redis_any(redis_url).await?;
+    let mut batches: Vec<(i64, Vec<i64>)> = Vec::new();
+    for shard in 0..SHARDS {
+        let first = b.first_id + (shard - b.first_id).rem_euclid(SHARDS);
+        let ids: Vec<i64> = (first..=b.last_id()).step_by(SHARDS as usize).collect();
+        batches.extend(ids.chunks(PER_PIPE).map(|c| (shard, c.to_vec())));
+    }
+    futures_util::stream::iter(batches)
+        .map(|(shard, ids)| {
             let mut conn = conn.clone();
             let b = *b;
             async move {
-                let to = (from + PER_PIPE - 1).min(b.last_id());
                 let mut pipe = redis::pipe();
-                for id in from..=to {
-                    let key = format!("{prefix}order:{id}");
+                for id in ids {
+                    let key = format!("{prefix}{{s{shard}}}order:{id}");
                     let deadline = b.deadline_ms(id);
                     let expires = chrono::DateTime::from_timestamp_millis(deadline)
                         .unwrap_or_default()
@@ -288,7 +296,7 @@ pub async fn schedule_in_redis(redis_url: &str, prefix: &str, b: &Bulk) -> Resul
                     ];
                     pipe.hset_multiple(&key, &fields).ignore();
                     pipe.pexpire_at(&key, deadline).ignore();
-                    pipe.zadd(format!("{prefix}deadlines"), id, deadline).ignore();
+                    pipe.zadd(format!("{prefix}{{s{shard}}}deadlines"), id, deadline).ignore();
                 }
                 pipe.query_async::<()>(&mut conn).await
             }

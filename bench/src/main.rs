@@ -99,6 +99,13 @@ pub struct Opts {
     pub redis_url: Option<String>,
     #[arg(long, default_value = "redis-server")]
     pub redis_server_bin: String,
+    /// Start a private Redis Cluster (3 primaries, 1 replica each, with
+    /// `redis-cli --cluster create`) instead of one redis-server, and run the
+    /// scenarios on it (`REDIS_URL=redis-cluster://…`).
+    #[arg(long, conflicts_with = "redis_url")]
+    pub redis_cluster: bool,
+    #[arg(long, default_value = "redis-cli")]
+    pub redis_cli_bin: String,
     #[arg(long, default_value = "bench-admin-token-0123")]
     pub admin_token: String,
     #[arg(long, default_value = "bench-jwt-secret-0123456789abcdef")]
@@ -293,7 +300,7 @@ async fn machine_header(ctx: &Ctx) -> String {
     .await
     .unwrap_or_else(|| "unreachable".into());
     let redis_version = async {
-        let mut c = server::redis_conn(&ctx.redis.url).await.ok()?;
+        let mut c = server::redis_conn(ctx.redis.nodes.first()?).await.ok()?;
         let info: String = redis::cmd("INFO").arg("server").query_async(&mut c).await.ok()?;
         info.lines().find_map(|l| l.strip_prefix("redis_version:").map(|v| v.trim().to_string()))
     }
@@ -321,7 +328,11 @@ async fn machine_header(ctx: &Ctx) -> String {
     );
     s += &format!(
         "* PostgreSQL {pg_version}; Redis {redis_version} ({}); {}\n",
-        if ctx.redis.private { "private redis-server" } else { "given --redis-url" },
+        match (ctx.redis.private, ctx.redis.nodes.len()) {
+            (true, 1) => "private redis-server",
+            (true, _) => "private Redis Cluster, 3 primaries + 3 replicas",
+            _ => "given --redis-url",
+        },
         command_output("rustc", &["--version"])
     );
     for t in &ctx.targets {
@@ -405,7 +416,11 @@ async fn run() -> Result<bool> {
 
     let work_dir = std::env::temp_dir().join(format!("shopgraph-bench-{}", server::short_id()));
     std::fs::create_dir_all(&work_dir)?;
-    let redis = RedisService::start(opts.redis_url.as_deref(), &opts.redis_server_bin).await?;
+    let redis = if opts.redis_cluster {
+        RedisService::start_cluster(&opts.redis_server_bin, &opts.redis_cli_bin).await?
+    } else {
+        RedisService::start(opts.redis_url.as_deref(), &opts.redis_server_bin).await?
+    };
     log(&format!(
         "redis at {} ({}); work dir {}",
         redis.url,

@@ -126,10 +126,24 @@ impl Db {
 /// The Redis every deployment of this run uses, each under its own prefix.
 pub struct RedisService {
     pub url: String,
-    /// Ours to flush: a private `redis-server` this harness started.
+    /// Ours to flush: a private `redis-server` (or Cluster) this harness started.
     pub private: bool,
     pub pid: Option<u32>,
-    child: Option<Child>,
+    /// Every node's plain URL (one for a single server).
+    pub nodes: Vec<String>,
+    children: Vec<Child>,
+    _cluster_dir: Option<PathBuf>,
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port pair for a cluster node")
 }
 
 impl RedisService {
@@ -141,7 +155,14 @@ impl RedisService {
                     c.get_connection_info().addr().to_string().rsplit(':').next().and_then(|p| p.parse().ok())
                 })
                 .and_then(procfs::pid_listening_on);
-            return Ok(RedisService { url: url.to_string(), private: false, pid, child: None });
+            return Ok(RedisService {
+                url: url.to_string(),
+                private: false,
+                pid,
+                nodes: vec![url.to_string()],
+                children: Vec::new(),
+                _cluster_dir: None,
+            });
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new(bin)
@@ -157,7 +178,14 @@ impl RedisService {
         for _ in 0..100 {
             if let Ok(mut c) = redis_conn(&url).await {
                 if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
-                    return Ok(RedisService { url, private: true, pid, child: Some(child) });
+                    return Ok(RedisService {
+                        url: url.clone(),
+                        private: true,
+                        pid,
+                        nodes: vec![url],
+                        children: vec![child],
+                        _cluster_dir: None,
+                    });
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -165,14 +193,76 @@ impl RedisService {
         bail!("{bin} on port {port} did not answer")
     }
 
-    /// Removes one deployment's keys: FLUSHALL on a private Redis, else the
-    /// keys under the prefix (SCAN + UNLINK), never anyone else's.
+    /// A private Redis Cluster: 3 primaries with a replica each, created
+    /// with `redis-cli --cluster create`, ready once every node says
+    /// `cluster_state:ok`. `url` is its `redis-cluster://` seed list; no
+    /// single Redis pid is measured (the CPU columns count it as "other").
+    pub async fn start_cluster(bin: &str, cli: &str) -> Result<RedisService> {
+        let dir = std::env::temp_dir().join(format!("shopgraph-bench-cluster-{}", short_id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        for _ in 0..6 {
+            let port = free_cluster_port()?;
+            let child = Command::new(bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--maxclients", "20000", "--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{port}.conf")))
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("start {bin}"))?;
+            ports.push(port);
+            children.push(child);
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("redis://127.0.0.1:{p}/0")).collect();
+        for url in &nodes {
+            wait_for(url, |_| true).await?;
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("run {cli} --cluster create"))?;
+        if !out.status.success() {
+            bail!("{cli} --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        for url in &nodes {
+            wait_for(url, |info| info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")).await?;
+        }
+        Ok(RedisService {
+            url: format!("redis-cluster://{}", addrs.join(",")),
+            private: true,
+            pid: None,
+            nodes,
+            children,
+            _cluster_dir: Some(dir),
+        })
+    }
+
+    /// Removes one deployment's keys: FLUSHALL on a private Redis (every
+    /// node of a private Cluster), else the keys under the prefix (SCAN +
+    /// UNLINK), never anyone else's.
     pub async fn forget(&self, prefix: &str) {
-        let Ok(mut c) = redis_conn(&self.url).await else { return };
         if self.private {
-            let _ = redis::cmd("FLUSHALL").arg("ASYNC").query_async::<()>(&mut c).await;
+            for node in &self.nodes {
+                if let Ok(mut c) = redis_conn(node).await {
+                    // a replica refuses it (READONLY) and follows its primary
+                    let _ = redis::cmd("FLUSHALL").arg("ASYNC").query_async::<()>(&mut c).await;
+                }
+            }
             return;
         }
+        let Ok(mut c) = redis_conn(&self.url).await else { return };
         let mut cursor: u64 = 0;
         for _ in 0..1_000_000 {
             let res: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
@@ -195,9 +285,73 @@ impl RedisService {
     }
 
     pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in self.children.drain(..) {
             let _ = c.kill().await;
         }
+        if let Some(dir) = &self._cluster_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Until `url` answers `CLUSTER INFO` (or, on a plain server, `PING`) as `ok` wants.
+async fn wait_for(url: &str, ok: impl Fn(&str) -> bool) -> Result<()> {
+    for _ in 0..400 {
+        if let Ok(mut c) = redis_conn(url).await {
+            let info: redis::RedisResult<String> = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await;
+            if info.is_ok_and(|i| ok(&i)) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("Redis Cluster node {url} did not get ready")
+}
+
+/// A command connection to a single Redis or a Cluster (`redis-cluster://`).
+#[derive(Clone)]
+pub enum AnyConn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for AnyConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_command(cmd),
+            AnyConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            AnyConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            AnyConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            AnyConn::Single(c) => c.get_db(),
+            AnyConn::Cluster(_) => 0,
+        }
+    }
+}
+
+pub async fn redis_any(url: &str) -> Result<AnyConn> {
+    match url.strip_prefix("redis-cluster://") {
+        Some(seeds) => {
+            let nodes: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}/0")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes)?;
+            let conn = tokio::time::timeout(Duration::from_secs(5), client.get_async_connection())
+                .await
+                .map_err(|_| anyhow!("Redis Cluster at {url}: connect timed out"))??;
+            Ok(AnyConn::Cluster(conn))
+        }
+        None => Ok(AnyConn::Single(redis_conn(url).await?)),
     }
 }
 

@@ -23,10 +23,10 @@ pub struct ConfigArgs {
     /// Replay lag past which catalog reads go back to the primary.
     #[arg(long, env = "DATABASE_READ_MAX_LAG", default_value = "5s")]
     pub database_read_max_lag: Option<String>,
-    /// The Redis whose key expiry drives cancellation (its db index is honoured). Unset: redis://127.0.0.1:6379/0, or a private redis-server when nothing answers there.
+    /// The Redis whose key expiry drives cancellation (its db index is honoured), or a Redis Cluster as redis-cluster://host:port,host:port,… (rediss-cluster:// over TLS). Unset: redis://127.0.0.1:6379/0, or a private redis-server when nothing answers there.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-    /// A PEM file of CA certificates trusted for rediss:// (beside the system's roots). Unset: the system's roots.
+    /// A PEM file of CA certificates trusted for rediss:// and rediss-cluster:// (beside the system's roots). Unset: the system's roots.
     #[arg(long, env = "REDIS_TLS_CA_FILE")]
     pub redis_tls_ca_file: Option<String>,
     /// The start of every Redis key and channel this server uses.
@@ -225,6 +225,16 @@ impl ConfigArgs {
             if crate::redis::sentinel::is_sentinel(&url) {
                 crate::redis::sentinel::SentinelUrl::parse(&url)
                     .map_err(|e| bad("REDIS_URL", format!("invalid Redis Sentinel URL {:?}: {e}", redact_url(&url))))?;
+            } else if crate::redis::cluster::is_cluster(&url) {
+                crate::redis::cluster::ClusterTarget::parse(&url).map_err(|e| {
+                    bad(
+                        "REDIS_URL",
+                        format!(
+                            "invalid Redis Cluster URL {:?}: {e} (expected redis-cluster://host:port,host:port,…)",
+                            redact_url(&url)
+                        ),
+                    )
+                })?;
             } else {
                 let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
                     bad(
@@ -407,17 +417,22 @@ fn listen_addr(raw: &str) -> Result<SocketAddr, ConfigError> {
 fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, ConfigError> {
     const VAR: &str = "REDIS_TLS_CA_FILE";
     let Some(url) = redis_url.filter(|u| crate::redis::client::is_tls(u)) else {
-        return Err(bad(VAR, "is set, but REDIS_URL is not rediss://…: it only applies to Redis over TLS"));
+        return Err(bad(
+            VAR,
+            "is set, but REDIS_URL is not rediss://… (or rediss-cluster://…): it only applies to Redis over TLS",
+        ));
     };
     let path = PathBuf::from(path);
     let ca = crate::redis::client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
     // a Sentinel URL names no data node yet: the certificates are parsed
-    // for one it could name
-    let node = match crate::redis::sentinel::SentinelUrl::parse(url) {
-        Ok(sentinel) => sentinel.node_url("localhost", 6379),
-        Err(_) => url.to_string(),
-    };
-    crate::redis::client::client(&node, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    // for one it could name; a Cluster's seeds are checked when it connects
+    if !crate::redis::cluster::is_cluster(url) {
+        let node = match crate::redis::sentinel::SentinelUrl::parse(url) {
+            Ok(sentinel) => sentinel.node_url("localhost", 6379),
+            Err(_) => url.to_string(),
+        };
+        crate::redis::client::client(&node, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
+    }
     Ok(path)
 }
 

@@ -196,6 +196,8 @@ pub fn redact_url(raw: &str) -> String {
             u.to_string()
         }
         Ok(_) => raw.to_string(),
+        // not a URL to the parser (a Cluster's `host:port,host:port,…`):
+        // blank whatever follows `user:` before the last `@` of the authority
         Err(_) => redact_userinfo(raw),
     }
 }
@@ -236,6 +238,17 @@ mod tests {
         assert_eq!(args.into_config().unwrap().trusted_proxies.len(), 3);
         let args = ConfigArgs { trusted_proxies: Some("10.0.0.0/33".into()), ..Default::default() };
         assert_eq!(args.into_config().unwrap_err().var, "TRUSTED_PROXIES");
+    }
+
+    #[test]
+    fn cluster_urls_are_accepted_and_their_passwords_redacted() {
+        let ok = ConfigArgs { redis_url: Some("redis-cluster://a:7000,b:7001".into()), ..Default::default() };
+        assert_eq!(ok.into_config().unwrap().redis_url.as_deref(), Some("redis-cluster://a:7000,b:7001"));
+        let bad = ConfigArgs { redis_url: Some("redis-cluster://u:hunter2@a:7000,b/3".into()), ..Default::default() };
+        let err = bad.into_config().unwrap_err();
+        assert_eq!(err.var, "REDIS_URL");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_eq!(redact_url("rediss-cluster://u:hunter2@a:1,b:2/0"), "rediss-cluster://u:***@a:1,b:2/0");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The fan-out: this process's one Redis subscription to `<prefix>events`,
-//! delivering what other instances published to the [`EventBus`] (which
+//! The fan-out: this process's one Redis subscription to `<prefix>events`
+//! (on a Cluster a sharded one, `SSUBSCRIBE` on the primary that owns the
+//! channel's slot, followed across failovers and slot moves), delivering what other instances published to the [`EventBus`] (which
 //! drops event ids already delivered, this instance's own among them).
 //!
 //! Redis drops messages for a subscription that is down, so a fan-out that
@@ -14,18 +15,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{outbox::Outbox, EventBus};
-use crate::{domain::OrderEvent, redis::subscription};
+use crate::{
+    domain::OrderEvent,
+    redis::{cluster, subscription, Topology},
+};
 
 /// Runs the subscription until shutdown, reconnecting as often as it takes.
-pub async fn run(
-    bus: EventBus,
-    outbox: Outbox,
-    target: impl Into<subscription::Target>,
-    channel: String,
-    shutdown: CancellationToken,
-) {
+pub async fn run(bus: EventBus, outbox: Outbox, topology: Topology, channel: String, shutdown: CancellationToken) {
     let mut handler = FanoutHandler { bus, outbox, lost_at: None };
-    subscription::run(target, channel, "event fan-out", &mut handler, shutdown).await;
+    match topology {
+        Topology::Single(target) => subscription::run(target, channel, "event fan-out", &mut handler, shutdown).await,
+        Topology::Cluster(target) => {
+            cluster::run_sharded(&target, channel, "event fan-out", &mut handler, shutdown).await
+        }
+    }
 }
 
 struct FanoutHandler {

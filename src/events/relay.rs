@@ -1,5 +1,7 @@
-//! The relay: `PUBLISH`es this instance's events to `<prefix>events` and
-//! marks them published in the outbox once Redis has them. Rows it could not
+//! The relay: `PUBLISH`es this instance's events to `<prefix>events` (on a
+//! Cluster `SPUBLISH`, sharded pub/sub: the message goes to the channel's
+//! shard only, not to every node) and marks them published in the outbox
+//! once Redis has them. Rows it could not
 //! publish (Redis away, or an instance died) are claimed again by some relay
 //! after a grace period, until Redis takes them; published rows are pruned
 //! after [`super::outbox::RETENTION`].
@@ -88,8 +90,14 @@ impl Relay {
             return;
         }
         let mut pipe = redis::pipe();
+        let sharded = self.conn.is_cluster();
         for e in &events {
-            pipe.publish(&self.channel, serde_json::to_string(e).expect("events serialise")).ignore();
+            let json = serde_json::to_string(e).expect("events serialise");
+            if sharded {
+                pipe.spublish(&self.channel, json).ignore();
+            } else {
+                pipe.publish(&self.channel, json).ignore();
+            }
         }
         match pipe.query_async::<()>(&mut self.conn.clone()).await {
             Ok(()) => {

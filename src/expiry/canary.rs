@@ -2,9 +2,11 @@
 //! reach the listener's subscription, found out without `CONFIG`.
 //!
 //! After every (re)subscribe, and every [`RECHECK`] while they are missing,
-//! it writes `<prefix>canary:<uuid>` with a short [`TTL`], touches it once due
-//! (so Redis deletes it on the spot, as the nudger does for orders) and waits
-//! for its event on the listener's subscription. The answer goes to
+//! it writes `<prefix>{s<N>}canary:<uuid>.<N>` in every deadline shard with a
+//! short [`TTL`], touches them once due (so Redis deletes them on the spot,
+//! as the nudger does for orders) and waits for their events on the
+//! listener's subscriptions. Events arrive only when every shard's did: on a
+//! Cluster that judges every primary that holds orders. The answer goes to
 //! [`ListenerState`] (`/readyz`, the nudger's fallback), a gauge, and one WARN
 //! line with the fix when events go missing.
 
@@ -17,7 +19,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{listener::ListenerState, schedule::Keys};
+use super::{
+    listener::ListenerState,
+    schedule::{Keys, Shard},
+};
 use crate::telemetry;
 
 /// The canary's time to live.
@@ -80,7 +85,7 @@ pub struct Canary {
 
 impl Canary {
     pub fn new(conn: RedisConn, keys: Keys, state: Arc<ListenerState>) -> (Canary, CanaryInbox) {
-        let (tx, seen) = mpsc::channel(16);
+        let (tx, seen) = mpsc::channel(64);
         let check_now = Arc::new(Notify::new());
         let inbox = CanaryInbox { seen: tx, check_now: check_now.clone() };
         (Canary { conn, keys, state, seen, check_now, last: Arrival::Checking }, inbox)
@@ -105,18 +110,36 @@ impl Canary {
         }
     }
 
-    /// One canary: true when its `expired` event arrived within [`WAIT`].
+    /// One canary per shard: true when every one's `expired` event
+    /// arrived within [`WAIT`].
     async fn probe(&mut self) -> redis::RedisResult<bool> {
         while self.seen.try_recv().is_ok() {} // a late event of an earlier canary
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let key = self.keys.canary(&token);
-        let mut conn = self.conn.clone();
-        conn.pset_ex::<_, _, ()>(&key, 1, TTL.as_millis() as u64).await?;
+        let probe = uuid::Uuid::new_v4().simple().to_string();
+        let tokens: Vec<(Shard, String)> = Shard::all()
+            .map(|shard| {
+                let Shard::Tagged(n) = shard else { unreachable!("tagged shards only") };
+                (shard, format!("{probe}.{n}"))
+            })
+            .collect();
+        let keys: Vec<String> = tokens.iter().map(|(shard, token)| self.keys.canary(*shard, token)).collect();
+        let conn = self.conn.clone();
+        // each key alone: on a Cluster they live on different primaries
+        futures_util::future::try_join_all(keys.iter().map(|key| {
+            let mut conn = conn.clone();
+            async move { conn.pset_ex::<_, _, ()>(key, 1, TTL.as_millis() as u64).await }
+        }))
+        .await?;
         tokio::time::sleep(TOUCH_AFTER).await;
-        conn.exists::<_, bool>(&key).await?;
+        futures_util::future::try_join_all(keys.iter().map(|key| {
+            let mut conn = conn.clone();
+            async move { conn.exists::<_, bool>(key).await }
+        }))
+        .await?;
+        let mut waiting: std::collections::HashSet<String> = tokens.into_iter().map(|(_, t)| t).collect();
         let arrived = tokio::time::timeout(WAIT, async {
             while let Some(seen) = self.seen.recv().await {
-                if seen == token {
+                waiting.remove(&seen);
+                if waiting.is_empty() {
                     return true;
                 }
             }

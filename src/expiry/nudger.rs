@@ -1,5 +1,11 @@
 //! Makes Redis expire each order's key at its deadline.
 //!
+//! The index is split into [`SHARDS`] hash-tagged sorted sets; each round
+//! claims every shard at once, each through its own script call, which on a
+//! Cluster runs on the primary that owns the shard's slot (replicas never
+//! expire keys). The unsharded set of servers before sharding is drained
+//! the same way until it is empty.
+//!
 //! Redis deletes an expired key (and only then sends `expired`) when it is
 //! touched or when its active expiry samples it; once many keys hold TTLs
 //! that sampling is minutes late (BENCHMARKS.md, direct inserts). So every instance polls the deadline
@@ -12,7 +18,13 @@
 //! the ids it claimed go straight to the listener's cancel workers instead,
 //! so the 1 s target holds without them.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use redis::{AsyncCommands, Script};
@@ -22,7 +34,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{listener::ListenerState, schedule::Keys};
+use super::{
+    listener::ListenerState,
+    schedule::{Keys, Shard, SHARDS},
+};
 use crate::domain::OrderId;
 
 /// The most members claimed per script call; Lua's `unpack` limit is ~8000.
@@ -51,6 +66,10 @@ pub struct Nudger {
     pub keys: Keys,
     pub script: Script,
     pub fallback: Fallback,
+    /// Whether the unsharded index may still hold members.
+    legacy: AtomicBool,
+    /// Whether some shards failed last round (said once per episode).
+    degraded: AtomicBool,
 }
 
 /// Where claimed ids go while expired-key events do not arrive.
@@ -66,20 +85,78 @@ pub struct Fallback {
 pub struct Claimed {
     pub due: usize,
     pub expired: Vec<OrderId>,
+    /// Whether some shard's claim came back full: more are due there.
+    pub full: bool,
 }
 
 impl Nudger {
     pub fn new(conn: RedisConn, keys: Keys, fallback: Fallback) -> Self {
-        Nudger { conn, keys, script: Script::new(CLAIM_DUE), fallback }
+        Nudger {
+            conn,
+            keys,
+            script: Script::new(CLAIM_DUE),
+            fallback,
+            legacy: AtomicBool::new(true),
+            degraded: AtomicBool::new(false),
+        }
     }
 
-    /// Claims due deadlines and touches their keys. "Due" is by Redis's
-    /// clock (`now: None`, as [`Nudger::run`] asks), the one that decides
-    /// when a key expires; a test gives its own `now` to claim without
-    /// waiting for a deadline.
+    /// Claims due deadlines in every shard and touches their keys. "Due" is
+    /// by Redis's clock (`now: None`, as [`Nudger::run`] asks), the one that
+    /// decides when a key expires; a test gives its own `now` to claim
+    /// without waiting for a deadline. A shard that fails (its primary is
+    /// away) does not hold up the others; the error is returned only when
+    /// nothing could be claimed, and the sweep covers that shard meanwhile.
     pub async fn nudge_once(&self, now: Option<DateTime<Utc>>) -> redis::RedisResult<Claimed> {
+        let legacy = self.legacy.load(Ordering::Relaxed);
+        let shards = Shard::all().chain(legacy.then_some(Shard::Legacy));
+        let results = futures_util::future::join_all(shards.map(|shard| self.nudge_shard(shard, now))).await;
+        let mut total = Claimed::default();
+        let mut error = None;
+        let mut failed = 0;
+        for (shard, result) in Shard::all().chain(legacy.then_some(Shard::Legacy)).zip(results) {
+            match result {
+                Ok(c) => {
+                    if shard == Shard::Legacy && c.due == 0 {
+                        self.drained_legacy().await;
+                    }
+                    total.due += c.due;
+                    total.full |= c.full;
+                    total.expired.extend(c.expired);
+                }
+                Err(e) => {
+                    failed += 1;
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        match error {
+            Some(e) if failed >= usize::from(SHARDS) => Err(e),
+            Some(e) => {
+                if !self.degraded.swap(true, Ordering::Relaxed) {
+                    warn!(error = %e, failed, "deadline nudger cannot reach the primary of some shards; the sweep covers them meanwhile");
+                }
+                Ok(total)
+            }
+            None => {
+                self.degraded.store(false, Ordering::Relaxed);
+                Ok(total)
+            }
+        }
+    }
+
+    /// Stops looking at the unsharded index once it is gone.
+    async fn drained_legacy(&self) {
         let mut conn = self.conn.clone();
-        let mut claim = self.script.key(self.keys.deadlines());
+        if let Ok(false) = conn.exists::<_, bool>(self.keys.deadlines(Shard::Legacy)).await {
+            self.legacy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    async fn nudge_shard(&self, shard: Shard, now: Option<DateTime<Utc>>) -> redis::RedisResult<Claimed> {
+        let mut conn = self.conn.clone();
+        let deadlines = self.keys.deadlines(shard);
+        let mut claim = self.script.key(&deadlines);
         claim.arg(CLAIM_BATCH);
         if let Some(now) = now {
             claim.arg(now.timestamp_millis());
@@ -88,9 +165,11 @@ impl Nudger {
         if due.is_empty() {
             return Ok(Claimed::default());
         }
+        // one shard's keys share its slot, so one pipeline (the unsharded
+        // layout exists only on a single server)
         let mut pipe = redis::pipe();
         for (id, _) in &due {
-            pipe.exists(self.keys.order(OrderId(*id)));
+            pipe.exists(self.keys.order_in(shard, OrderId(*id)));
         }
         let alive: Vec<bool> = pipe.query_async(&mut conn).await?;
         // A key that outlived its touch (a clock step, a later PEXPIREAT)
@@ -98,10 +177,10 @@ impl Nudger {
         let back: Vec<(i64, i64)> =
             due.iter().zip(&alive).filter(|(_, alive)| **alive).map(|((id, deadline), _)| (*deadline, *id)).collect();
         if !back.is_empty() {
-            conn.zadd_multiple::<_, _, _, ()>(self.keys.deadlines(), &back).await?;
+            conn.zadd_multiple::<_, _, _, ()>(&deadlines, &back).await?;
         }
         let expired = due.iter().zip(&alive).filter(|(_, alive)| !**alive).map(|((id, _), _)| OrderId(*id)).collect();
-        Ok(Claimed { due: due.len(), expired })
+        Ok(Claimed { due: due.len(), expired, full: due.len() == CLAIM_BATCH })
     }
 
     /// Unless expired-key events are known to arrive, cancels the claimed
@@ -119,7 +198,7 @@ impl Nudger {
         let mut failing = false;
         loop {
             let claimed = self.nudge_once(None).await;
-            let full = matches!(&claimed, Ok(c) if c.due == CLAIM_BATCH);
+            let full = matches!(&claimed, Ok(c) if c.full);
             match claimed {
                 Ok(c) => {
                     failing = false;

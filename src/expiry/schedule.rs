@@ -13,38 +13,89 @@ use crate::{
     telemetry,
 };
 
-/// The Redis names of one deployment, all under its prefix.
+/// How many deadline shards every deployment has, on every topology (one
+/// layout for single, Sentinel and Cluster, so nothing migrates when the
+/// topology changes). An order's shard is its id mod this.
+pub const SHARDS: u16 = 16;
+
+/// One deadline index: a hash-tagged shard, or the unsharded set that
+/// servers before sharding wrote (drained once by the nudger).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shard {
+    Tagged(u16),
+    Legacy,
+}
+
+impl Shard {
+    pub fn of(id: OrderId) -> Shard {
+        Shard::Tagged(id.0.rem_euclid(i64::from(SHARDS)) as u16)
+    }
+    /// Every tagged shard.
+    pub fn all() -> impl Iterator<Item = Shard> {
+        (0..SHARDS).map(Shard::Tagged)
+    }
+}
+
+/// The Redis names of one deployment, all under its prefix. Everything of
+/// one shard carries the hash tag `{s<N>}`, so on a Cluster an order's key,
+/// its shard's deadline index and the claim script over both share a slot.
 #[derive(Clone, Debug)]
 pub struct Keys {
     pub prefix: String,
 }
 
 impl Keys {
-    pub fn order(&self, id: OrderId) -> String {
-        format!("{}order:{}", self.prefix, id.0)
+    fn tag(&self, shard: Shard) -> String {
+        match shard {
+            Shard::Tagged(n) => format!("{}{{s{n}}}", self.prefix),
+            Shard::Legacy => self.prefix.clone(),
+        }
     }
-    pub fn deadlines(&self) -> String {
-        format!("{}deadlines", self.prefix)
+    pub fn order(&self, id: OrderId) -> String {
+        self.order_in(Shard::of(id), id)
+    }
+    /// An order's key as written in `shard` (its own, or the legacy layout).
+    pub fn order_in(&self, shard: Shard, id: OrderId) -> String {
+        format!("{}order:{}", self.tag(shard), id.0)
+    }
+    /// The deadline index of `shard`.
+    pub fn deadlines(&self, shard: Shard) -> String {
+        format!("{}deadlines", self.tag(shard))
     }
     pub fn events(&self) -> String {
         format!("{}events", self.prefix)
     }
     /// Present while the server holds this deployment's expiry keys
-    /// ([`super::resync`]).
+    /// ([`super::resync`]); on a Cluster in one slot, like any single key.
     pub fn marker(&self) -> String {
         format!("{}expiry-keys", self.prefix)
     }
-    /// The notification self-check's key for one probe.
-    pub fn canary(&self, token: &str) -> String {
-        format!("{}canary:{}", self.prefix, token)
+    /// The notification self-check's key for one probe in one shard (a
+    /// probe covers every shard, so every Cluster primary that holds
+    /// orders is checked).
+    pub fn canary(&self, shard: Shard, token: &str) -> String {
+        format!("{}canary:{}", self.tag(shard), token)
+    }
+    /// After the prefix, the shard tag if there is one.
+    fn untagged<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let rest = key.strip_prefix(&self.prefix)?;
+        match rest.strip_prefix("{s") {
+            Some(tagged) => {
+                let (n, rest) = tagged.split_once('}')?;
+                n.parse::<u16>().ok().filter(|n| *n < SHARDS)?;
+                Some(rest)
+            }
+            None => Some(rest),
+        }
     }
     /// The probe token of an expired canary key, if the key is one of ours.
     pub fn parse_canary_key<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.prefix)?.strip_prefix("canary:")
+        self.untagged(key)?.strip_prefix("canary:")
     }
-    /// The order named by an expired key, if the key is one of ours.
+    /// The order named by an expired key, if the key is one of ours (either
+    /// layout: keys written before sharding still expire).
     pub fn parse_order_key(&self, key: &str) -> Option<OrderId> {
-        let n = key.strip_prefix(&self.prefix)?.strip_prefix("order:")?;
+        let n = self.untagged(key)?.strip_prefix("order:")?;
         n.parse::<i64>().ok().filter(|n| *n > 0).map(OrderId)
     }
 }
@@ -75,7 +126,7 @@ impl Scheduler {
             .ignore()
             .pexpire_at(&key, deadline)
             .ignore()
-            .zadd(self.keys.deadlines(), order.id.0, deadline)
+            .zadd(self.keys.deadlines(Shard::of(order.id)), order.id.0, deadline)
             .ignore()
             .query_async(&mut self.conn.clone())
             .await;
@@ -85,26 +136,41 @@ impl Scheduler {
         }
     }
 
-    /// Removes the expiry state of orders that reached a final status.
+    /// Removes the expiry state of orders that reached a final status: one
+    /// MULTI per shard (a shard's keys share a slot), the shards at once.
     pub async fn forget(&self, ids: &[OrderId]) -> RedisResult<()> {
-        if ids.is_empty() {
-            return Ok(());
+        let mut by_shard: std::collections::HashMap<Shard, Vec<OrderId>> = Default::default();
+        for id in ids {
+            by_shard.entry(Shard::of(*id)).or_default().push(*id);
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.order(*id)).collect();
-        let members: Vec<i64> = ids.iter().map(|id| id.0).collect();
-        redis::pipe()
-            .atomic()
-            .del(&keys)
-            .ignore()
-            .zrem(self.keys.deadlines(), &members)
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await
+        let writes = by_shard.into_iter().map(|(shard, ids)| {
+            let keys: Vec<String> = ids.iter().map(|id| self.keys.order(*id)).collect();
+            let members: Vec<i64> = ids.iter().map(|id| id.0).collect();
+            let mut conn = self.conn.clone();
+            let deadlines = self.keys.deadlines(shard);
+            async move {
+                redis::pipe()
+                    .atomic()
+                    .del(&keys)
+                    .ignore()
+                    .zrem(deadlines, &members)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+        futures_util::future::join_all(writes).await.into_iter().collect()
     }
 
-    /// How many orders wait in the deadline index.
+    /// How many orders wait in the deadline index (every shard).
     pub async fn pending(&self) -> RedisResult<u64> {
-        self.conn.clone().zcard(self.keys.deadlines()).await
+        let counts = Shard::all().map(|shard| {
+            let mut conn = self.conn.clone();
+            let key = self.keys.deadlines(shard);
+            async move { conn.zcard::<_, u64>(key).await }
+        });
+        let counts: Vec<u64> = futures_util::future::try_join_all(counts).await?;
+        Ok(counts.into_iter().sum())
     }
 }
 
@@ -115,12 +181,28 @@ mod tests {
     #[test]
     fn only_keys_under_the_prefix_name_orders() {
         let k = Keys { prefix: "t1:".into() };
-        assert_eq!(k.parse_order_key("t1:order:42"), Some(OrderId(42)));
-        assert_eq!(k.parse_order_key("t2:order:42"), None);
+        assert_eq!(k.order(OrderId(42)), "t1:{s10}order:42");
+        assert_eq!(k.parse_order_key("t1:{s10}order:42"), Some(OrderId(42)));
+        assert_eq!(k.parse_order_key("t1:order:42"), Some(OrderId(42)), "the layout before sharding");
+        assert_eq!(k.parse_order_key("t2:{s10}order:42"), None);
+        assert_eq!(k.parse_order_key("t1:{s99}order:42"), None);
+        assert_eq!(k.parse_order_key("t1:{s1order:42"), None);
         assert_eq!(k.parse_order_key("t1:order:x"), None);
-        assert_eq!(k.parse_order_key("t1:deadlines"), None);
-        assert_eq!(k.parse_order_key(&k.canary("abc")), None);
-        assert_eq!(k.parse_canary_key(&k.canary("abc")), Some("abc"));
+        assert_eq!(k.parse_order_key(&k.deadlines(Shard::Tagged(3))), None);
+        assert_eq!(k.parse_order_key(&k.canary(Shard::Tagged(3), "abc")), None);
+        assert_eq!(k.parse_canary_key(&k.canary(Shard::Tagged(3), "abc")), Some("abc"));
         assert_eq!(k.parse_canary_key("t2:canary:abc"), None);
+    }
+
+    #[test]
+    fn a_shard_and_its_orders_share_a_hash_tag() {
+        let k = Keys { prefix: "p:".into() };
+        for id in [1, 15, 16, 17, 1_000_003] {
+            let shard = Shard::of(OrderId(id));
+            let tag = |key: &str| key[key.find('{').unwrap()..=key.find('}').unwrap()].to_string();
+            assert_eq!(tag(&k.order(OrderId(id))), tag(&k.deadlines(shard)));
+        }
+        assert_eq!(Shard::all().count(), usize::from(SHARDS));
+        assert_eq!(k.deadlines(Shard::Legacy), "p:deadlines");
     }
 }

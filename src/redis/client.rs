@@ -35,6 +35,11 @@ impl TrustedCa {
         bundle.extend(system_roots_pem());
         Ok(TrustedCa { bundle: Arc::new(bundle) })
     }
+
+    /// The bundle as redis-rs takes it (a Cluster's builder, too).
+    pub fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates { client_tls: None, root_cert: Some(self.bundle.to_vec()) }
+    }
 }
 
 /// The system's trusted roots as PEM (none where the store cannot be read).
@@ -57,19 +62,16 @@ fn system_roots_pem() -> Vec<u8> {
 /// system's roots. The certificates are parsed here, so a bad file fails now.
 pub fn client(url: &str, ca: Option<&TrustedCa>) -> redis::RedisResult<redis::Client> {
     match ca {
-        Some(ca) if is_tls(url) => redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates { client_tls: None, root_cert: Some(ca.bundle.to_vec()) },
-        ),
+        Some(ca) if is_tls(url) => redis::Client::build_with_tls(url, ca.certificates()),
         _ => redis::Client::open(url),
     }
 }
 
 /// Whether `url` speaks TLS to its data nodes (`rediss://`,
-/// `rediss-sentinel://`).
+/// `rediss-sentinel://`, `rediss-cluster://`).
 pub fn is_tls(url: &str) -> bool {
     let url = url.trim_start();
-    url.starts_with("rediss://") || url.starts_with("rediss-sentinel://")
+    url.starts_with("rediss://") || url.starts_with("rediss-sentinel://") || url.starts_with("rediss-cluster://")
 }
 
 /// A hint to add to a connection error that looks like a refused

@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster_async::ClusterConnection,
     Cmd, Pipeline, RedisFuture, Value,
 };
 
@@ -25,6 +26,9 @@ enum Inner {
     /// by [`PrimarySwitch`] when another node is promoted. Every clone shares
     /// the slot, so users never hold a connection to a demoted primary.
     Sentinel(Arc<ArcSwap<ConnectionManager>>),
+    /// A Redis Cluster: each command goes to the primary of its key's slot
+    /// (so every multi-key command and script stays within one slot).
+    Cluster(ClusterConnection),
 }
 
 /// How every managed command connection behaves. Commands fail fast while
@@ -60,6 +64,16 @@ impl RedisConn {
         let slot = Arc::new(ArcSwap::from_pointee(conn));
         (RedisConn { inner: Inner::Sentinel(slot.clone()) }, PrimarySwitch(slot))
     }
+
+    pub fn cluster(conn: ClusterConnection) -> RedisConn {
+        RedisConn { inner: Inner::Cluster(conn) }
+    }
+
+    /// Whether this is a Redis Cluster (where order events use sharded
+    /// pub/sub, and keyspace events come from every primary).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner, Inner::Cluster(_))
+    }
 }
 
 impl redis::aio::ConnectionLike for RedisConn {
@@ -70,6 +84,7 @@ impl redis::aio::ConnectionLike for RedisConn {
                 let mut c = ConnectionManager::clone(&slot.load());
                 Box::pin(async move { c.req_packed_command(cmd).await })
             }
+            Inner::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -85,6 +100,7 @@ impl redis::aio::ConnectionLike for RedisConn {
                 let mut c = ConnectionManager::clone(&slot.load());
                 Box::pin(async move { c.req_packed_commands(pipeline, offset, count).await })
             }
+            Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -92,6 +108,7 @@ impl redis::aio::ConnectionLike for RedisConn {
         match &self.inner {
             Inner::Single(c) => c.get_db(),
             Inner::Sentinel(slot) => slot.load().get_db(),
+            Inner::Cluster(_) => 0,
         }
     }
 }

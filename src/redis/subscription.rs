@@ -40,6 +40,17 @@ enum Kind {
     Any { clients: Arc<[redis::Client]>, next: usize },
 }
 
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.0 {
+            Kind::Fixed(_) => "fixed",
+            Kind::Followed(_) => "followed",
+            Kind::Any { .. } => "any",
+        };
+        write!(f, "Target({kind})")
+    }
+}
+
 impl From<redis::Client> for Target {
     fn from(client: redis::Client) -> Target {
         Target(Kind::Fixed(Box::new(client)))
