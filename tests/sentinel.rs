@@ -51,7 +51,8 @@ fn has_expired_events(flags: &str) -> bool {
 /// Whether an order's expiry key is on a node.
 async fn scheduled_on(node: &common::sentinel::Node, prefix: &str, id: &str) -> bool {
     let Ok(mut conn) = node.conn().await else { return false };
-    let key = format!("{prefix}order:{}", id.trim_start_matches("ord_"));
+    let id = shopgraph::domain::OrderId::parse(id).expect("an order id");
+    let key = shopgraph::expiry::schedule::Keys { prefix: prefix.to_string() }.order(id);
     redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut conn).await.unwrap_or(0) == 1
 }
 
