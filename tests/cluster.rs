@@ -227,52 +227,12 @@ async fn orders_in_the_layout_before_sharding_still_expire_on_time() {
     assert!(!left, "the old index is drained");
 }
 
-/// A CA and a node certificate for 127.0.0.1 it signed (the `openssl` CLI).
-fn node_certs(dir: &std::path::Path) -> redis_cluster::Tls {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl on PATH");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=shopgraph cluster test CA"],
-            &["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        ]
-        .concat(),
-    );
-    // serverAuth and clientAuth: the nodes also dial each other (cluster bus, replication)
-    let ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n";
-    std::fs::write(dir.join("node.ext"), ext).unwrap();
-    openssl(&[&["req"][..], &ec, &["-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node"]].concat());
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "node.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "node.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "node.ext",
-    ]);
-    redis_cluster::Tls { cert: dir.join("node.pem"), key: dir.join("node.key"), ca: dir.join("ca.pem") }
-}
-
 /// `rediss-cluster://` with `REDIS_TLS_CA_FILE`: every connection (commands,
 /// each primary's keyspace events, sharded order events) over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_orders_expire_on_every_shard_and_events_reach_a_second_instance() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = node_certs(dir.path());
+    let certs = common::certs::generate_certs();
+    let tls = redis_cluster::Tls { cert: certs.cert("good"), key: certs.key("good"), ca: certs.ca() };
     let cluster = RedisCluster::start_tls(tls.clone()).await;
     assert!(cluster.url().starts_with("rediss-cluster://"));
     let app = on_cluster(&cluster, |c| {

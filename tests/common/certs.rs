@@ -34,7 +34,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA, a server certificate `good` for `127.0.0.1` and `localhost`, and
-/// one `wrong` that names another host only.
+/// one `wrong` that names another host only. Both may also authenticate a
+/// client: Cluster nodes dial each other (bus, replication) with them.
 pub fn generate_certs() -> Certs {
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
@@ -51,7 +52,7 @@ pub fn generate_certs() -> Certs {
     );
     for (name, san) in [("good", "DNS:localhost,IP:127.0.0.1"), ("wrong", "DNS:wrong.example")] {
         let ext = format!(
-            "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
         );
         std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
         let (key, csr, pem, extfile) =
