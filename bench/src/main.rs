@@ -8,6 +8,10 @@
 //! cargo run --release -p shopgraph-bench -- --smoke --scenario all   # CI
 //! ```
 
+/// The tests' throw-away CA, for `--redis-tls`.
+#[allow(dead_code)]
+#[path = "../../tests/common/certs.rs"]
+mod certs;
 mod client;
 mod direct;
 /// The tests' caching proxy, one definition for tests and benchmarks.
@@ -106,6 +110,11 @@ pub struct Opts {
     pub redis_cluster: bool,
     #[arg(long, default_value = "redis-cli")]
     pub redis_cli_bin: String,
+    /// The private redis-server also listens for TLS, and the servers are
+    /// given that port (`rediss://`, `REDIS_TLS_CA_FILE`); the harness's own
+    /// writes keep to the plain port.
+    #[arg(long, conflicts_with_all = ["redis_url", "redis_cluster"])]
+    pub redis_tls: bool,
     #[arg(long, default_value = "bench-admin-token-0123")]
     pub admin_token: String,
     #[arg(long, default_value = "bench-jwt-secret-0123456789abcdef")]
@@ -329,6 +338,7 @@ async fn machine_header(ctx: &Ctx) -> String {
     s += &format!(
         "* PostgreSQL {pg_version}; Redis {redis_version} ({}); {}\n",
         match (ctx.redis.private, ctx.redis.nodes.len()) {
+            (true, 1) if ctx.redis.ca_file.is_some() => "private redis-server, the servers over TLS",
             (true, 1) => "private redis-server",
             (true, _) => "private Redis Cluster, 3 primaries + 3 replicas",
             _ => "given --redis-url",
@@ -419,7 +429,7 @@ async fn run() -> Result<bool> {
     let redis = if opts.redis_cluster {
         RedisService::start_cluster(&opts.redis_server_bin, &opts.redis_cli_bin).await?
     } else {
-        RedisService::start(opts.redis_url.as_deref(), &opts.redis_server_bin).await?
+        RedisService::start(opts.redis_url.as_deref(), &opts.redis_server_bin, opts.redis_tls).await?
     };
     log(&format!(
         "redis at {} ({}); work dir {}",

@@ -131,8 +131,14 @@ pub struct RedisService {
     pub pid: Option<u32>,
     /// Every node's plain URL (one for a single server).
     pub nodes: Vec<String>,
+    /// What the servers get as `REDIS_URL`: `url`, or with `--redis-tls` the
+    /// same server's TLS port (the harness itself keeps to the plain port).
+    pub server_url: String,
+    /// `REDIS_TLS_CA_FILE` for the servers: the CA of the TLS port.
+    pub ca_file: Option<PathBuf>,
     children: Vec<Child>,
     _cluster_dir: Option<PathBuf>,
+    _certs: Option<crate::certs::Certs>,
 }
 
 /// A free port whose cluster bus port (+10000) is free too.
@@ -147,7 +153,10 @@ fn free_cluster_port() -> Result<u16> {
 }
 
 impl RedisService {
-    pub async fn start(configured: Option<&str>, bin: &str) -> Result<RedisService> {
+    /// `configured`, or a private `redis-server` on a free port; with `tls`
+    /// it also listens for TLS (a certificate for 127.0.0.1 from a throw-away
+    /// CA) and the servers are given that port.
+    pub async fn start(configured: Option<&str>, bin: &str, tls: bool) -> Result<RedisService> {
         if let Some(url) = configured {
             let pid = redis::Client::open(url)
                 .ok()
@@ -160,14 +169,31 @@ impl RedisService {
                 private: false,
                 pid,
                 nodes: vec![url.to_string()],
+                server_url: url.to_string(),
+                ca_file: None,
                 children: Vec::new(),
                 _cluster_dir: None,
+                _certs: None,
             });
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let certs = tls.then(crate::certs::generate_certs);
+        let mut tls_args = Vec::new();
+        let mut server_url = format!("redis://127.0.0.1:{port}/0");
+        if let Some(c) = &certs {
+            let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            server_url = format!("rediss://127.0.0.1:{tls_port}/0");
+            tls_args.extend(["--tls-port".to_string(), tls_port.to_string(), "--tls-auth-clients".into(), "no".into()]);
+            for (flag, path) in
+                [("--tls-cert-file", c.cert("good")), ("--tls-key-file", c.key("good")), ("--tls-ca-cert-file", c.ca())]
+            {
+                tls_args.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
         let child = Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--maxclients", "20000"])
+            .args(&tls_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -183,8 +209,11 @@ impl RedisService {
                         private: true,
                         pid,
                         nodes: vec![url],
+                        server_url,
+                        ca_file: certs.as_ref().map(|c| c.ca()),
                         children: vec![child],
                         _cluster_dir: None,
+                        _certs: certs,
                     });
                 }
             }
@@ -239,13 +268,17 @@ impl RedisService {
         for url in &nodes {
             wait_for(url, |info| info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")).await?;
         }
+        let url = format!("redis-cluster://{}", addrs.join(","));
         Ok(RedisService {
-            url: format!("redis-cluster://{}", addrs.join(",")),
+            server_url: url.clone(),
+            url,
             private: true,
             pid: None,
             nodes,
+            ca_file: None,
             children,
             _cluster_dir: Some(dir),
+            _certs: None,
         })
     }
 
@@ -516,7 +549,10 @@ impl Deployment {
         let db = Db::create(spec.store, s.pg_url, s.work_dir).await?;
         let mut env = BTreeMap::new();
         env.insert("DATABASE_URL".into(), db.url.clone());
-        env.insert("REDIS_URL".into(), redis.url.clone());
+        env.insert("REDIS_URL".into(), redis.server_url.clone());
+        if let Some(ca) = &redis.ca_file {
+            env.insert("REDIS_TLS_CA_FILE".into(), ca.display().to_string());
+        }
         env.insert("REDIS_KEY_PREFIX".into(), prefix.clone());
         env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
         env.insert("ORDER_TTL".into(), spec.order_ttl.clone());
