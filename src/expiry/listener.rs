@@ -198,12 +198,14 @@ impl subscription::Handler for Events {
         }
         telemetry::listener_up(self.state.is_up());
         self.canary.check();
-        // this server may lack keys (emptied, or a promoted replica behind)
-        self.resync.connected(self.orders.clone(), reconnected);
         if reconnected {
             telemetry::listener_reconnected();
         }
-        if reconnected || std::mem::take(&mut self.sweep_on_connect) {
+        // a reconnect, or a Cluster primary that appeared after the start
+        let another_server = reconnected || std::mem::take(&mut self.sweep_on_connect);
+        // this server may lack keys (emptied, or a promoted replica behind)
+        self.resync.connected(self.orders.clone(), another_server);
+        if another_server {
             // every expiry during the gap was lost
             self.sweep_now.notify_one();
         }
