@@ -160,8 +160,19 @@ pub trait Store: Send + Sync + 'static {
         limits: PendingLimits,
     ) -> Result<Placed, PlaceError>;
     /// The order placed earlier with the request's idempotency key, if any
-    /// (`IdempotencyConflict` when its lines differ).
-    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError>;
+    /// (`IdempotencyConflict` when its lines differ). The one rule of key
+    /// replays, for both stores; they only look the key up.
+    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {
+        let Some(key) = &request.idempotency_key else { return Ok(None) };
+        let Some((id, placed_fingerprint)) = self.order_with_key(customer, key).await? else { return Ok(None) };
+        if placed_fingerprint != fingerprint(request) {
+            return Err(PlaceError::IdempotencyConflict);
+        }
+        Ok(self.order(id).await?.map(|order| Placed { order, created: false }))
+    }
+    /// The id and request [`fingerprint`] of the customer's order placed
+    /// with idempotency `key`.
+    async fn order_with_key(&self, customer: CustomerId, key: &str) -> Result<Option<(OrderId, String)>, StoreError>;
     async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
     /// Newest first, before the given id; at most `limit` rows.
     async fn list_orders(

@@ -202,11 +202,13 @@ impl Store for SqliteStore {
         self.place(customer, request, now, expires_at, limits).await
     }
 
-    async fn order_for_key(&self, customer: CustomerId, request: &OrderRequest) -> Result<Option<Placed>, PlaceError> {
-        match &request.idempotency_key {
-            Some(key) => self.existing_for_key(customer, key, request).await,
-            None => Ok(None),
-        }
+    async fn order_with_key(&self, customer: CustomerId, key: &str) -> Result<Option<(OrderId, String)>, StoreError> {
+        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = ?1 AND idempotency_key = ?2")
+            .bind(customer.0)
+            .bind(key)
+            .fetch_optional(&self.writer)
+            .await?;
+        row.map(|r| Ok((OrderId(r.try_get("id")?), r.try_get("fingerprint")?))).transpose()
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {

@@ -7,13 +7,12 @@ mod batch;
 mod one;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
 pub(super) use batch::{workers, Batcher};
 
 use super::{is_unique_violation, PgStore};
-use crate::domain::{CustomerId, OrderId, OrderRequest};
-use crate::store::{fingerprint, PendingLimits, PlaceError, Placed, Store, StoreError};
+use crate::domain::{CustomerId, OrderRequest};
+use crate::store::{PendingLimits, PlaceError, Placed, Store, StoreError};
 
 /// How often a placement that Postgres aborted (deadlock, serialization
 /// failure: nothing was written) is tried again.
@@ -61,28 +60,6 @@ impl PgStore {
         }
     }
 
-    /// The order placed earlier with this key, if any (`IdempotencyConflict`
-    /// when its lines differ from the request's).
-    pub(super) async fn existing_for_key(
-        &self,
-        customer: CustomerId,
-        key: &str,
-        request: &OrderRequest,
-    ) -> Result<Option<Placed>, PlaceError> {
-        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = $1 AND idempotency_key = $2")
-            .bind(customer.0)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fp: String = row.try_get("fingerprint")?;
-        if fp != fingerprint(request) {
-            return Err(PlaceError::IdempotencyConflict);
-        }
-        let order = self.order(OrderId(row.try_get("id")?)).await?;
-        Ok(order.map(|order| Placed { order, created: false }))
-    }
-
     /// The order the request's idempotency key placed while this request
     /// was placing it too (the insert hit the unique key): answered with
     /// that order, as if this request had come second.
@@ -92,8 +69,7 @@ impl PgStore {
         request: &OrderRequest,
         e: sqlx::Error,
     ) -> Result<Placed, PlaceError> {
-        let key = request.idempotency_key.as_deref().unwrap_or_default();
-        match self.existing_for_key(customer, key, request).await? {
+        match self.order_for_key(customer, request).await? {
             Some(placed) => Ok(placed),
             None => Err(PlaceError::Store(StoreError::Database(e))),
         }

@@ -42,36 +42,13 @@ impl SqliteStore {
             Err(e) if is_unique_violation(&e) => {
                 // the same key raced in from another request: answer with its order
                 tx.rollback().await?;
-                let key = request.idempotency_key.as_deref().unwrap_or_default();
-                return self.existing_for_key(customer, key, request).await?.ok_or_else(|| e.into());
+                return self.order_for_key(customer, request).await?.ok_or_else(|| e.into());
             }
             Err(e) => return Err(e.into()),
         };
         tx.commit().await?;
         let order = placed_order(OrderId(id), customer, request, accepted, time(ms(now)), time(ms(expires_at)));
         Ok(Placed { order, created: true })
-    }
-
-    /// The order placed earlier with this key, if any (`IdempotencyConflict`
-    /// when its lines differ from the request's).
-    pub(super) async fn existing_for_key(
-        &self,
-        customer: CustomerId,
-        key: &str,
-        request: &OrderRequest,
-    ) -> Result<Option<Placed>, PlaceError> {
-        let row = sqlx::query("SELECT id, fingerprint FROM orders WHERE customer_id = ?1 AND idempotency_key = ?2")
-            .bind(customer.0)
-            .bind(key)
-            .fetch_optional(&self.writer)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fp: String = row.try_get("fingerprint")?;
-        if fp != fingerprint(request) {
-            return Err(PlaceError::IdempotencyConflict);
-        }
-        let order = self.order(OrderId(row.try_get("id")?)).await?;
-        Ok(order.map(|order| Placed { order, created: false }))
     }
 }
 
