@@ -96,6 +96,9 @@ pub struct Auth {
     admin_token: Option<Secret>,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// How customer tokens are checked, built once: building it allocates
+    /// (a set of claim names) and every authenticated request needs it.
+    validation: Validation,
     lifetime: Duration,
     /// A real argon2 hash verified for unknown emails, so that a login's
     /// timing does not tell whether the email exists.
@@ -112,6 +115,7 @@ impl Auth {
             admin_token,
             encoding: EncodingKey::from_secret(jwt_secret),
             decoding: DecodingKey::from_secret(jwt_secret),
+            validation: customer_token_validation(),
             lifetime,
             dummy_hash,
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -147,10 +151,7 @@ impl Auth {
                 return forever(Identity::Admin);
             }
         }
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = decode::<Claims>(token, &self.decoding, &validation).map_err(|_| InvalidToken)?;
+        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|_| InvalidToken)?;
         let id = CustomerId::parse(&data.claims.sub).map_err(|_| InvalidToken)?;
         let expires_at = UNIX_EPOCH + Duration::from_secs(data.claims.exp);
         Ok(Session { identity: Identity::Customer(id), expires_at: Some(expires_at) })
@@ -182,6 +183,14 @@ impl Auth {
         .unwrap_or(false);
         ok && known
     }
+}
+
+/// HS256 only, `exp` and `sub` required, no leeway on `exp`.
+fn customer_token_validation() -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
 }
 
 fn hash_password_blocking(password: &str) -> String {
