@@ -2,7 +2,7 @@
 //! token, the whole-batch limits, the server's catalog cache, HTTP statuses
 //! and cache headers), and the websocket upgrade.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
@@ -206,7 +206,7 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
 }
 
 pub(super) async fn post(
-    State(state): State<HttpState>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -265,7 +265,7 @@ pub(super) async fn post(
 
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
 pub(super) async fn get(
-    State(state): State<HttpState>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -310,7 +310,7 @@ pub(super) async fn get(
 }
 
 fn websocket(
-    state: HttpState,
+    state: Arc<HttpState>,
     client: ClientAddr,
     upgrade: WebSocketUpgrade,
     preferred: Option<&'static str>,
@@ -344,6 +344,8 @@ fn websocket(
                 return;
             }
         };
-        ws::serve(socket, protocol, state.schema, state.auth, client, state.ws, state.shutdown).await;
+        let (schema, auth, settings, shutdown) =
+            (state.schema.clone(), state.auth.clone(), state.ws.clone(), state.shutdown.clone());
+        ws::serve(socket, protocol, schema, auth, client, settings, shutdown).await;
     })
 }
