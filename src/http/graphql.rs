@@ -158,7 +158,9 @@ fn graphql_response(status: StatusCode, modern: bool, response: &BatchResponse) 
 
 /// The JSON body of a response; `None` past [`MAX_RESPONSE_BYTES`].
 fn graphql_body(response: &BatchResponse) -> Option<Bytes> {
-    let mut body = BoundedBody::default();
+    // room for a typical answer up front: serde_json writes token by token,
+    // and growing from empty reallocates several times per response
+    let mut body = BoundedBody(Vec::with_capacity(512));
     serde_json::to_writer(&mut body, response).ok()?;
     Some(Bytes::from(body.0))
 }
@@ -171,7 +173,6 @@ fn too_large() -> Response {
 }
 
 /// A response body that refuses to grow past [`MAX_RESPONSE_BYTES`].
-#[derive(Default)]
 struct BoundedBody(Vec<u8>);
 
 impl std::io::Write for BoundedBody {
