@@ -11,6 +11,7 @@ use argon2::{
     password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -96,6 +97,13 @@ pub struct Auth {
     admin_token: Option<Secret>,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The HS256 key of customer tokens, prepared once: jsonwebtoken derives
+    /// it from the secret again for every token it checks, which was most of
+    /// the cost of an authenticated request's token check.
+    signing: ring::hmac::Key,
+    /// How a customer token's claims are checked once its signature is
+    /// (built once: building it allocates a set of claim names).
+    validation: Validation,
     lifetime: Duration,
     /// A real argon2 hash verified for unknown emails, so that a login's
     /// timing does not tell whether the email exists.
@@ -112,6 +120,8 @@ impl Auth {
             admin_token,
             encoding: EncodingKey::from_secret(jwt_secret),
             decoding: DecodingKey::from_secret(jwt_secret),
+            signing: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, jwt_secret),
+            validation: customer_claims_validation(),
             lifetime,
             dummy_hash,
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -147,10 +157,18 @@ impl Auth {
                 return forever(Identity::Admin);
             }
         }
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = decode::<Claims>(token, &self.decoding, &validation).map_err(|_| InvalidToken)?;
+        // the signature first, as jsonwebtoken checks it: over `header.payload`,
+        // the expected one encoded as a token carries it and compared in
+        // constant time; then the claims, and that the header says HS256
+        let (signed, signature) = token.rsplit_once('.').ok_or(InvalidToken)?;
+        let expected = URL_SAFE_NO_PAD.encode(ring::hmac::sign(&self.signing, signed.as_bytes()));
+        if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
+            return Err(InvalidToken);
+        }
+        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|_| InvalidToken)?;
+        if data.header.alg != Algorithm::HS256 {
+            return Err(InvalidToken);
+        }
         let id = CustomerId::parse(&data.claims.sub).map_err(|_| InvalidToken)?;
         let expires_at = UNIX_EPOCH + Duration::from_secs(data.claims.exp);
         Ok(Session { identity: Identity::Customer(id), expires_at: Some(expires_at) })
@@ -184,6 +202,17 @@ impl Auth {
     }
 }
 
+/// `exp` and `sub` required, no leeway on `exp`. The signature (HS256
+/// only) is checked before, by [`Auth::authenticate_session`] with its
+/// prepared key.
+fn customer_claims_validation() -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.insecure_disable_signature_validation();
+    validation
+}
+
 fn hash_password_blocking(password: &str) -> String {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 with default parameters").to_string()
@@ -209,6 +238,44 @@ mod tests {
         assert_eq!(a.authenticate(Some("Basic abc")), Err(InvalidToken));
         assert_eq!(a.authenticate(None), Ok(Identity::Anonymous));
         assert_eq!(a.authenticate(Some("Bearer admin-secret")), Ok(Identity::Admin));
+    }
+
+    /// A token with these claims and this header, signed with the secret of [`auth`].
+    fn signed(header: &Header, exp: u64) -> String {
+        let claims = Claims { sub: CustomerId(7).to_string(), iat: 0, exp };
+        encode(header, &claims, &EncodingKey::from_secret(b"0123456789abcdef0123")).unwrap()
+    }
+
+    #[test]
+    fn only_an_unexpired_hs256_token_with_its_own_signature_passes() {
+        let a = auth();
+        let bearer = |t: &str| a.authenticate(Some(&format!("Bearer {t}")));
+        let later = jsonwebtoken::get_current_timestamp() + 60;
+        let good = signed(&Header::new(Algorithm::HS256), later);
+        assert_eq!(bearer(&good), Ok(Identity::Customer(CustomerId(7))));
+        // signed with the right secret, but expired, or under another algorithm
+        assert_eq!(bearer(&signed(&Header::new(Algorithm::HS256), later - 120)), Err(InvalidToken));
+        assert_eq!(bearer(&signed(&Header::new(Algorithm::HS512), later)), Err(InvalidToken));
+        // an HS256 signature over a header that names another algorithm
+        let (_, rest) = good.split_once('.').unwrap();
+        let (payload, _) = rest.split_once('.').unwrap();
+        let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"HS384"}"#);
+        let message = format!("{header}.{payload}");
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"0123456789abcdef0123");
+        let sig = URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, message.as_bytes()));
+        assert_eq!(bearer(&format!("{message}.{sig}")), Err(InvalidToken));
+        // the payload changed, the signature padded, cut, or missing
+        let (message, sig) = good.rsplit_once('.').unwrap();
+        let forged = format!(
+            "{}.{}.{sig}",
+            message.split('.').next().unwrap(),
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"cus_8","exp":9999999999}"#)
+        );
+        assert_eq!(bearer(&forged), Err(InvalidToken));
+        assert_eq!(bearer(&format!("{message}.{sig}=")), Err(InvalidToken));
+        assert_eq!(bearer(&format!("{message}.{}", &sig[1..])), Err(InvalidToken));
+        assert_eq!(bearer(message), Err(InvalidToken));
+        assert_eq!(bearer(&format!("{message}.")), Err(InvalidToken));
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! here, so a dashboard has one file to read.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     io::IsTerminal,
     sync::{Mutex, OnceLock},
     time::Duration,
 };
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -72,8 +72,16 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 pub fn order_created(latency: Duration) {
-    counter!("shopgraph_orders_created_total").increment(1);
-    histogram!("shopgraph_create_order_duration_seconds").record(latency.as_secs_f64());
+    // the handles are looked up once: `counter!`/`histogram!` find theirs in
+    // the registry by name on every call, and this runs once per order
+    static HANDLES: OnceLock<(Counter, Histogram)> = OnceLock::new();
+    let (created, duration) = HANDLES.get_or_init(|| {
+        // a handle taken before the recorder is installed would stay a no-op
+        metrics_handle();
+        (counter!("shopgraph_orders_created_total"), histogram!("shopgraph_create_order_duration_seconds"))
+    });
+    created.increment(1);
+    duration.record(latency.as_secs_f64());
 }
 
 /// One payment; `source` is who paid: `customer` or `admin`.
@@ -156,21 +164,36 @@ const MAX_FIELD_LABELS: usize = 64;
 /// several root fields, `none` when nothing executed (syntax or validation
 /// errors, limits).
 pub fn graphql_request(root_field: Option<&str>, latency: Duration) {
-    static LABELS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let label = match root_field {
-        None => "none".to_string(),
-        Some(field) => {
-            let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
-            let labels = labels.get_or_insert_with(HashSet::new);
-            if labels.contains(field) || labels.len() < MAX_FIELD_LABELS {
-                labels.insert(field.to_string());
-                field.to_string()
-            } else {
-                "other".to_string()
-            }
+    // one histogram handle per label, kept: looking a labelled histogram up
+    // in the registry allocates and hashes its key, once per request
+    static LABELS: Mutex<Option<RequestHistograms>> = Mutex::new(None);
+    let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
+    let labels = labels.get_or_insert_with(|| {
+        // a handle taken before the recorder is installed would stay a no-op
+        metrics_handle();
+        RequestHistograms { fields: HashMap::new(), none: None, other: None }
+    });
+    // each series is registered by its first sample, as `histogram!` would
+    let histogram = match root_field {
+        None => &*labels.none.get_or_insert_with(|| request_histogram("none".to_string())),
+        Some(field) if labels.fields.contains_key(field) => &labels.fields[field],
+        Some(field) if labels.fields.len() < MAX_FIELD_LABELS => {
+            &*labels.fields.entry(field.to_string()).or_insert_with(|| request_histogram(field.to_string()))
         }
+        Some(_) => &*labels.other.get_or_insert_with(|| request_histogram("other".to_string())),
     };
-    histogram!("shopgraph_graphql_request_duration_seconds", "field" => label).record(latency.as_secs_f64());
+    histogram.record(latency.as_secs_f64());
+}
+
+/// The request-latency histograms by `field` label (see [`graphql_request`]).
+struct RequestHistograms {
+    fields: HashMap<String, Histogram>,
+    none: Option<Histogram>,
+    other: Option<Histogram>,
+}
+
+fn request_histogram(label: String) -> Histogram {
+    histogram!("shopgraph_graphql_request_duration_seconds", "field" => label)
 }
 
 pub fn db_pool(in_use: u32, idle: u32) {

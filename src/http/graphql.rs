@@ -2,7 +2,7 @@
 //! token, the whole-batch limits, the server's catalog cache, HTTP statuses
 //! and cache headers), and the websocket upgrade.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use async_graphql::{http::parse_query_string, BatchRequest, BatchResponse};
 use axum::{
@@ -158,7 +158,9 @@ fn graphql_response(status: StatusCode, modern: bool, response: &BatchResponse) 
 
 /// The JSON body of a response; `None` past [`MAX_RESPONSE_BYTES`].
 fn graphql_body(response: &BatchResponse) -> Option<Bytes> {
-    let mut body = BoundedBody::default();
+    // room for a typical answer up front: serde_json writes token by token,
+    // and growing from empty reallocates several times per response
+    let mut body = BoundedBody(Vec::with_capacity(512));
     serde_json::to_writer(&mut body, response).ok()?;
     Some(Bytes::from(body.0))
 }
@@ -171,7 +173,6 @@ fn too_large() -> Response {
 }
 
 /// A response body that refuses to grow past [`MAX_RESPONSE_BYTES`].
-#[derive(Default)]
 struct BoundedBody(Vec<u8>);
 
 impl std::io::Write for BoundedBody {
@@ -206,7 +207,7 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
 }
 
 pub(super) async fn post(
-    State(state): State<HttpState>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -240,7 +241,7 @@ pub(super) async fn post(
     if let Some(hit) = cached(&state, &headers, key.as_ref()) {
         return hit;
     }
-    let batch: BatchRequest = match serde_json::from_slice(&body) {
+    let batch = match batch_request(&body) {
         Ok(b) => b,
         Err(e) => {
             return error_body(
@@ -263,9 +264,24 @@ pub(super) async fn post(
     execute(&state, &headers, client, batch, key).await
 }
 
+/// A POST body as the engine's batch request. A body that is one JSON
+/// object is read straight into one request: the untagged `BatchRequest`
+/// first buffers the whole document as generic content, then tries each
+/// variant on it. Anything else, and an object that does not read as a
+/// request, takes the engine's own path, so its answer and errors are
+/// unchanged.
+fn batch_request(body: &[u8]) -> serde_json::Result<BatchRequest> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        if let Ok(single) = serde_json::from_slice::<async_graphql::Request>(body) {
+            return Ok(BatchRequest::Single(single));
+        }
+    }
+    serde_json::from_slice(body)
+}
+
 /// `GET /graphql`: a websocket upgrade, or a query in the query string.
 pub(super) async fn get(
-    State(state): State<HttpState>,
+    State(state): State<Arc<HttpState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -310,7 +326,7 @@ pub(super) async fn get(
 }
 
 fn websocket(
-    state: HttpState,
+    state: Arc<HttpState>,
     client: ClientAddr,
     upgrade: WebSocketUpgrade,
     preferred: Option<&'static str>,
@@ -344,6 +360,8 @@ fn websocket(
                 return;
             }
         };
-        ws::serve(socket, protocol, state.schema, state.auth, client, state.ws, state.shutdown).await;
+        let (schema, auth, settings, shutdown) =
+            (state.schema.clone(), state.auth.clone(), state.ws.clone(), state.shutdown.clone());
+        ws::serve(socket, protocol, schema, auth, client, settings, shutdown).await;
     })
 }

@@ -34,7 +34,7 @@ use crate::{
     ws::WsSettings,
 };
 
-/// Everything the handlers share.
+/// Everything the handlers share (as `State<Arc<HttpState>>`).
 #[derive(Clone)]
 pub struct HttpState {
     pub schema: ShopSchema,
@@ -104,7 +104,9 @@ pub fn router(state: HttpState, demo_dir: &std::path::Path) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.request_timeout, request_timeout))
         .layer(middleware::map_response(security_headers))
-        .with_state(state)
+        // behind an `Arc`: axum clones the state for every request, and
+        // this one is a dozen reference-counted fields
+        .with_state(Arc::new(state))
 }
 
 /// The Content-Security-Policy of every response. Scripts and styles come

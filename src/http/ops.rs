@@ -9,10 +9,12 @@ use axum::{
 };
 use serde_json::json;
 
+use std::sync::Arc;
+
 use super::HttpState;
 use crate::telemetry;
 
-pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
+pub(super) async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     let timeout = std::time::Duration::from_secs(2);
     let db = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
     let mut conn = state.redis.clone();
@@ -40,7 +42,7 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
 /// `/metrics` answers only to `Authorization: Bearer <METRICS_TOKEN>`:
 /// it shows order counts and traffic that are nobody else's business.
 /// Without a configured token it does not exist (404).
-pub(super) async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+pub(super) async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     let Some(token) = &state.metrics_token else {
         return (StatusCode::NOT_FOUND, "metrics are off: set METRICS_TOKEN to serve them\n").into_response();
     };
