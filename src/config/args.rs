@@ -419,7 +419,7 @@ fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, Con
     let Some(url) = redis_url.filter(|u| crate::redis::client::is_tls(u)) else {
         return Err(bad(
             VAR,
-            "is set, but REDIS_URL is not rediss://… (or rediss-cluster://…): it only applies to Redis over TLS",
+            "is set, but REDIS_URL is not rediss://…, rediss-sentinel://… or rediss-cluster://…: it only applies to Redis over TLS",
         ));
     };
     let path = PathBuf::from(path);
