@@ -222,28 +222,7 @@ impl ConfigArgs {
     fn redis(&mut self, c: &mut Config) -> Result<(), ConfigError> {
         if let Some(url) = self.redis_url.take() {
             let url = url.trim().to_string();
-            if crate::redis::sentinel::is_sentinel(&url) {
-                crate::redis::sentinel::SentinelUrl::parse(&url)
-                    .map_err(|e| bad("REDIS_URL", format!("invalid Redis Sentinel URL {:?}: {e}", redact_url(&url))))?;
-            } else if crate::redis::cluster::is_cluster(&url) {
-                crate::redis::cluster::ClusterTarget::parse(&url).map_err(|e| {
-                    bad(
-                        "REDIS_URL",
-                        format!(
-                            "invalid Redis Cluster URL {:?}: {e} (expected redis-cluster://host:port,host:port,…)",
-                            redact_url(&url)
-                        ),
-                    )
-                })?;
-            } else {
-                let info: redis::ConnectionInfo = url.as_str().parse().map_err(|_| {
-                    bad(
-                        "REDIS_URL",
-                        format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&url)),
-                    )
-                })?;
-                let _ = info;
-            }
+            crate::redis::url::RedisUrl::parse(&url).map_err(|e| bad("REDIS_URL", e))?;
             c.redis_url = Some(url);
         }
         if let Some(path) = self.redis_tls_ca_file.take().filter(|p| !p.trim().is_empty()) {
@@ -424,13 +403,9 @@ fn redis_tls_ca_file(path: &str, redis_url: Option<&str>) -> Result<PathBuf, Con
     };
     let path = PathBuf::from(path);
     let ca = crate::redis::client::TrustedCa::read(&path).map_err(|e| bad(VAR, e))?;
-    // a Sentinel URL names no data node yet: the certificates are parsed
-    // for one it could name; a Cluster's seeds are checked when it connects
-    if !crate::redis::cluster::is_cluster(url) {
-        let node = match crate::redis::sentinel::SentinelUrl::parse(url) {
-            Ok(sentinel) => sentinel.node_url("localhost", 6379),
-            Err(_) => url.to_string(),
-        };
+    // the certificates are parsed now, for a node the URL connects to
+    let node = crate::redis::url::RedisUrl::parse(url).ok().and_then(|u| u.sample_node());
+    if let Some(node) = node {
         crate::redis::client::client(&node, Some(&ca)).map_err(|e| bad(VAR, format!("{}: {e}", path.display())))?;
     }
     Ok(path)

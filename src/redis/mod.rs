@@ -4,7 +4,8 @@
 //! Sentinel names and following it across failovers ([`sentinel`]), Redis
 //! Cluster's seeds, primaries and sharded subscriptions ([`cluster`]), a
 //! subscription that survives its connection ([`subscription`]), and the
-//! private `redis-server` started when none is reachable ([`server`]).
+//! private `redis-server` started when none is reachable ([`server`]); the
+//! forms of `REDIS_URL` are told apart in [`url`].
 //!
 //! What shopgraph keeps in Redis lives with its owners: expiry keys in
 //! [`crate::expiry::schedule`], event publishing in [`crate::events`].
@@ -15,6 +16,7 @@ pub mod conn;
 pub mod sentinel;
 pub mod server;
 pub mod subscription;
+pub mod url;
 
 pub use cluster::Topology;
 pub use conn::RedisConn;

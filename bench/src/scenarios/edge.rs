@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{anyhow, Result};
 
-use super::{deploy, finish, label_case, spec};
+use super::{deploy, finish, label_case, load::per_k, spec};
 use crate::{
     client::{run_load, Gql},
     log,
@@ -25,14 +25,6 @@ const METRICS_TOKEN: &str = "bench-metrics-token-0123456789";
 const CATALOG_BODY: &str = r#"{"query":"{ products(first: 20) { nodes { id sku name priceCents currency stock } pageInfo { hasNextPage endCursor } } }"}"#;
 const CATALOG: &str =
     "{ products(first: 20) { nodes { id sku name priceCents currency stock } pageInfo { hasNextPage endCursor } } }";
-
-fn per_k(secs: f64, n: u64) -> f64 {
-    if n == 0 {
-        f64::NAN
-    } else {
-        secs * 1_000_000.0 / n as f64
-    }
-}
 
 /// Catalog GETs through nginx: what a CDN or caching proxy in front of
 /// shopgraph takes off it, and what is left for the server.

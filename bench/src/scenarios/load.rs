@@ -25,7 +25,8 @@ const CREATE_COLUMNS: &[&str] = &[
     "CPU cores used (server · pg backends+aux · redis · bench · other)",
 ];
 
-fn per_k(secs: f64, n: u64) -> f64 {
+/// Milliseconds of CPU per 1,000 requests (`secs` over `n` requests).
+pub(super) fn per_k(secs: f64, n: u64) -> f64 {
     if n == 0 {
         f64::NAN
     } else {
