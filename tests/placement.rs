@@ -157,3 +157,66 @@ both_stores! {
         assert_eq!((app.stock(short).await, app.stock(eur).await), (1, 10));
     };
 }
+
+/// The placement's count of a customer's unpaid orders reads that
+/// customer's orders only, even on a connection whose plans were made while
+/// `orders` was empty (a new deployment): PL/pgSQL keeps a plan for the
+/// connection's life, and a plan chosen on an empty table once read every
+/// unpaid order in the database for each batch, halving `createOrder`
+/// throughput as orders accumulated. Counted with the transaction's own
+/// table statistics, which Postgres updates as it goes (no waiting).
+#[tokio::test]
+async fn counting_a_customers_unpaid_orders_reads_only_that_customers_orders_even_planned_on_an_empty_table() {
+    use sqlx::{Connection, Row};
+    if common::skip_without_postgres() {
+        return;
+    }
+    let db = common::fresh_db(common::Backend::Postgres).await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::migrate!("./migrations/postgres").run(&mut conn).await.expect("migrate");
+    // the statistics say `orders` is empty, and stay so: fewer rows follow
+    // than autovacuum's threshold
+    sqlx::query("VACUUM ANALYZE orders").execute(&mut conn).await.expect("vacuum");
+    let setup = "
+        INSERT INTO customers (email, password_hash) VALUES ('a@x.io', 'h'), ('b@x.io', 'h'), ('c@x.io', 'h');
+        INSERT INTO products (sku, name, price_cents, currency, stock) VALUES ('P', 'p', 100, 'USD', 1000);
+        INSERT INTO orders (customer_id, status, total_cents, currency, created_at, expires_at, fingerprint)
+        SELECT CASE WHEN g <= 3 THEN 1 ELSE 3 END, 'PENDING_PAYMENT', 100, 'USD', now(), now() + interval '1 hour', 'f'
+          FROM generate_series(1, 40) g;
+        INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) SELECT id, 1, 1, 100 FROM orders;";
+    sqlx::raw_sql(setup).execute(&mut conn).await.expect("setup");
+    conn.close().await.expect("close");
+
+    // A new connection plans everything now, on those statistics. Customers
+    // 1 (3 unpaid orders) and 2 (none) place one order each; the 37 unpaid
+    // orders of customer 3 are not theirs to read.
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut tx = conn.begin().await.expect("begin");
+    let rows_read = "SELECT pg_stat_get_xact_tuples_returned('orders'::regclass) \
+                     + pg_stat_get_xact_tuples_fetched('orders'::regclass)";
+    let before: i64 = sqlx::query_scalar(rows_read).fetch_one(&mut *tx).await.expect("statistics");
+    let now = Utc::now();
+    let rows =
+        sqlx::query("SELECT r_id, r_pending FROM place_batch($1, $2, $3, $4, $5, $6, $7, 2147483647, 10, 1000000)")
+            .bind(vec![1_i64, 2])
+            .bind(vec![now, now])
+            .bind(vec![now + chrono::Duration::hours(1); 2])
+            .bind(vec!["f".to_string(), "f".to_string()])
+            .bind(vec![1_i32, 2])
+            .bind(vec![1_i64, 1])
+            .bind(vec![1_i32, 1])
+            .fetch_all(&mut *tx)
+            .await
+            .expect("place_batch");
+    let pending: Vec<i64> = rows.iter().map(|r| r.get("r_pending")).collect();
+    assert_eq!(pending, [3, 0], "the unpaid orders each customer held before");
+    assert!(rows.iter().all(|r| r.get::<Option<i64>, _>("r_id").is_some()), "both placed");
+    let single = sqlx::query("SELECT n FROM lock_pending(1, now())").fetch_one(&mut *tx).await.expect("lock_pending");
+    assert_eq!(single.get::<i64, _>("n"), 4, "customer 1's unpaid orders, the new one included");
+
+    let read = sqlx::query_scalar::<_, i64>(rows_read).fetch_one(&mut *tx).await.expect("statistics") - before;
+    // customer 1's orders twice (3, then 4), the two new orders' foreign-key
+    // checks: 9; reading every unpaid order would be 40 or more each time
+    assert!(read <= 15, "the counts read {read} order rows");
+    tx.rollback().await.expect("rollback");
+}
