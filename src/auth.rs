@@ -3,7 +3,8 @@
 //! decides who may see an order.
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -93,6 +94,9 @@ struct Claims {
     iat: u64,
 }
 
+/// How many checked customer tokens [`Auth`] remembers (about 250 bytes each).
+const CHECKED_TOKENS: usize = 65_536;
+
 pub struct Auth {
     admin_token: Option<Secret>,
     encoding: EncodingKey,
@@ -104,6 +108,13 @@ pub struct Auth {
     /// How a customer token's claims are checked once its signature is
     /// (built once: building it allocates a set of claim names).
     validation: Validation,
+    /// Customer tokens whose signature and claims passed, by their exact
+    /// text: a storefront sends the same token with every request, and a
+    /// token equal to one that passed passes again until its `exp` (only
+    /// the expiry is looked at again). Checking it was about a tenth of an
+    /// authenticated request's instructions. Only tokens that passed get
+    /// in, and at most [`CHECKED_TOKENS`] of them.
+    checked: Mutex<HashMap<Box<str>, (CustomerId, u64)>>,
     lifetime: Duration,
     /// A real argon2 hash verified for unknown emails, so that a login's
     /// timing does not tell whether the email exists.
@@ -122,6 +133,7 @@ impl Auth {
             decoding: DecodingKey::from_secret(jwt_secret),
             signing: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, jwt_secret),
             validation: customer_claims_validation(),
+            checked: Mutex::default(),
             lifetime,
             dummy_hash,
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -157,6 +169,14 @@ impl Auth {
                 return forever(Identity::Admin);
             }
         }
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(&(id, exp)) = self.checked.lock().expect("token memo lock").get(token) {
+            // expired ones go the whole way, which refuses them
+            if exp > now {
+                let expires_at = UNIX_EPOCH + Duration::from_secs(exp);
+                return Ok(Session { identity: Identity::Customer(id), expires_at: Some(expires_at) });
+            }
+        }
         // the signature first, as jsonwebtoken checks it: over `header.payload`,
         // the expected one encoded as a token carries it and compared in
         // constant time; then the claims, and that the header says HS256
@@ -170,8 +190,19 @@ impl Auth {
             return Err(InvalidToken);
         }
         let id = CustomerId::parse(&data.claims.sub).map_err(|_| InvalidToken)?;
+        self.remember_checked(token, id, data.claims.exp);
         let expires_at = UNIX_EPOCH + Duration::from_secs(data.claims.exp);
         Ok(Session { identity: Identity::Customer(id), expires_at: Some(expires_at) })
+    }
+
+    fn remember_checked(&self, token: &str, id: CustomerId, exp: u64) {
+        let mut checked = self.checked.lock().expect("token memo lock");
+        if checked.len() >= CHECKED_TOKENS {
+            // simpler than evicting one by one, and as rare as this many
+            // distinct customers between two fillings
+            checked.clear();
+        }
+        checked.insert(token.into(), (id, exp));
     }
 
     pub fn issue_token(&self, customer: CustomerId) -> String {
@@ -276,6 +307,27 @@ mod tests {
         assert_eq!(bearer(&format!("{message}.{}", &sig[1..])), Err(InvalidToken));
         assert_eq!(bearer(message), Err(InvalidToken));
         assert_eq!(bearer(&format!("{message}.")), Err(InvalidToken));
+    }
+
+    #[test]
+    fn a_remembered_token_passes_until_its_exp_and_refused_ones_are_not_remembered() {
+        let a = auth();
+        let bearer = |t: &str| a.authenticate_session(Some(&format!("Bearer {t}")));
+        let now = jsonwebtoken::get_current_timestamp();
+        let good = signed(&Header::new(Algorithm::HS256), now + 60);
+        let first = bearer(&good).unwrap();
+        assert_eq!(bearer(&good).unwrap(), first, "the same session from the memo");
+        assert_eq!(a.checked.lock().unwrap().len(), 1);
+        // a token that passed while it was valid, now past its exp
+        let stale = signed(&Header::new(Algorithm::HS256), now - 1);
+        a.remember_checked(&stale, CustomerId(7), now - 1);
+        assert_eq!(bearer(&stale), Err(InvalidToken));
+        // refusals leave nothing behind
+        let other = Auth::new(None, b"another-secret-entirely", Duration::from_secs(60));
+        let foreign = other.issue_token(CustomerId(8));
+        assert_eq!(bearer(&foreign), Err(InvalidToken));
+        assert_eq!(bearer(&format!("{good}x")), Err(InvalidToken));
+        assert_eq!(a.checked.lock().unwrap().len(), 2, "the good token and the stale one put there by hand");
     }
 
     #[test]
