@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -113,8 +113,9 @@ pub struct Auth {
     /// token equal to one that passed passes again until its `exp` (only
     /// the expiry is looked at again). Checking it was about a tenth of an
     /// authenticated request's instructions. Only tokens that passed get
-    /// in, and at most [`CHECKED_TOKENS`] of them.
-    checked: Mutex<HashMap<Box<str>, (CustomerId, u64)>>,
+    /// in, and at most [`CHECKED_TOKENS`] of them. Every authenticated
+    /// request looks here, so lookups share a read lock.
+    checked: RwLock<HashMap<Box<str>, (CustomerId, u64)>>,
     lifetime: Duration,
     /// A real argon2 hash verified for unknown emails, so that a login's
     /// timing does not tell whether the email exists.
@@ -133,7 +134,7 @@ impl Auth {
             decoding: DecodingKey::from_secret(jwt_secret),
             signing: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, jwt_secret),
             validation: customer_claims_validation(),
-            checked: Mutex::default(),
+            checked: RwLock::default(),
             lifetime,
             dummy_hash,
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
@@ -170,7 +171,7 @@ impl Auth {
             }
         }
         let now = jsonwebtoken::get_current_timestamp();
-        if let Some(&(id, exp)) = self.checked.lock().expect("token memo lock").get(token) {
+        if let Some(&(id, exp)) = self.checked.read().expect("token memo lock").get(token) {
             // expired ones go the whole way, which refuses them
             if exp > now {
                 let expires_at = UNIX_EPOCH + Duration::from_secs(exp);
@@ -196,7 +197,7 @@ impl Auth {
     }
 
     fn remember_checked(&self, token: &str, id: CustomerId, exp: u64) {
-        let mut checked = self.checked.lock().expect("token memo lock");
+        let mut checked = self.checked.write().expect("token memo lock");
         if checked.len() >= CHECKED_TOKENS {
             // simpler than evicting one by one, and as rare as this many
             // distinct customers between two fillings
@@ -317,7 +318,7 @@ mod tests {
         let good = signed(&Header::new(Algorithm::HS256), now + 60);
         let first = bearer(&good).unwrap();
         assert_eq!(bearer(&good).unwrap(), first, "the same session from the memo");
-        assert_eq!(a.checked.lock().unwrap().len(), 1);
+        assert_eq!(a.checked.read().unwrap().len(), 1);
         // a token that passed while it was valid, now past its exp
         let stale = signed(&Header::new(Algorithm::HS256), now - 1);
         a.remember_checked(&stale, CustomerId(7), now - 1);
@@ -327,7 +328,7 @@ mod tests {
         let foreign = other.issue_token(CustomerId(8));
         assert_eq!(bearer(&foreign), Err(InvalidToken));
         assert_eq!(bearer(&format!("{good}x")), Err(InvalidToken));
-        assert_eq!(a.checked.lock().unwrap().len(), 2, "the good token and the stale one put there by hand");
+        assert_eq!(a.checked.read().unwrap().len(), 2, "the good token and the stale one put there by hand");
     }
 
     #[test]
