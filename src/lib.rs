@@ -30,7 +30,7 @@
 //!   reconnects and failovers, a private `redis-server` child when none is reachable.
 //! * [`ratelimit`]: rate limits (login per address and account, sign-ups, orders), shared through Redis.
 //! * [`client_addr`]: the client's address, from the peer or a trusted proxy's `X-Forwarded-For`.
-//! * [`telemetry`]: tracing and Prometheus metrics.
+//! * [`telemetry`]: tracing and Prometheus metrics; [`log_writer`]: log lines to stderr, quiet ones batched.
 
 pub mod app;
 pub mod auth;
@@ -45,6 +45,7 @@ pub mod events;
 pub mod expiry;
 pub mod graphql;
 pub mod http;
+pub mod log_writer;
 pub mod orders;
 pub mod ratelimit;
 pub mod redis;

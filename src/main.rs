@@ -5,6 +5,7 @@ use shopgraph::{
     app::{open_store, App},
     config::ConfigArgs,
     domain::NewProduct,
+    log_writer,
     store::StoreError,
     telemetry,
 };
@@ -42,6 +43,7 @@ enum Command {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
+    log_writer::flush();
     eprintln!("error: {msg}");
     std::process::exit(2);
 }
@@ -90,12 +92,15 @@ async fn main() {
         "seed-demo" => seed_demo(&config).await,
         _ => {
             let app = App::build(config).await.unwrap_or_else(|e| fail(e));
+            // what the start logged is on stderr before anyone is told to connect
+            log_writer::flush();
             println!("listening on http://{}", app.addr);
             if let Err(e) = app.run(shutdown_signal()).await {
                 fail(format!("server error: {e}"));
             }
         }
     }
+    log_writer::flush();
 }
 
 async fn shutdown_signal() {

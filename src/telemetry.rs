@@ -15,17 +15,19 @@ use tracing_subscriber::{fmt, EnvFilter};
 use crate::{
     config::LogFormat,
     domain::{CancelReason, CancelSource},
+    log_writer::LogWriter,
 };
 
 /// Installs the global tracing subscriber (once; later calls are ignored).
 /// Human logs are coloured only on a terminal: a file, pipe or journal
-/// gets plain text, without escape sequences.
+/// gets plain text, without escape sequences. Lines go to stderr through
+/// [`LogWriter`] (`INFO` lines batched, warnings at once).
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let ansi = std::io::stderr().is_terminal();
     let _ = match format {
-        LogFormat::Json => fmt().json().with_env_filter(filter).with_writer(std::io::stderr).try_init(),
-        LogFormat::Human => fmt().with_ansi(ansi).with_env_filter(filter).with_writer(std::io::stderr).try_init(),
+        LogFormat::Json => fmt().json().with_env_filter(filter).with_writer(LogWriter::start()).try_init(),
+        LogFormat::Human => fmt().with_ansi(ansi).with_env_filter(filter).with_writer(LogWriter::start()).try_init(),
     };
 }
 

@@ -133,6 +133,9 @@ pub struct Opts {
     /// through the API; 64 by default).
     #[arg(long)]
     pub products: Option<usize>,
+    /// Customers the createOrder load takes in turn (written straight into the database; 32768 by default)
+    #[arg(long)]
+    pub shoppers: Option<usize>,
     /// Orders expiring in the same second (expiry-burst).
     #[arg(long)]
     pub burst_orders: Option<usize>,
@@ -212,7 +215,7 @@ impl Sizes {
             warmup: if s { Duration::from_millis(200) } else { Duration::from_secs(2) },
             duration,
             customers: if s { 8 } else { levels.iter().copied().max().unwrap_or(1) },
-            shoppers: if s { 256 } else { 32_768 },
+            shoppers: pick(o.shoppers, 32_768, 256).max(1),
             levels,
             products: o.products.unwrap_or(64).max(1),
             burst: pick(o.burst_orders, 2_000, 300),
