@@ -325,9 +325,11 @@ fn http_state(
     });
     let documents = graphql::Documents::default();
     let persisted = PersistedQueries::new(redis.conn.clone(), &config.redis_key_prefix);
+    let known_schema = graphql::build_known(services.clone(), config.introspection);
     let schema = graphql::build(services, documents.clone(), config.introspection, persisted);
     HttpState {
         schema,
+        known_schema,
         documents,
         auth: domain.auth.clone(),
         store: domain.store.clone(),

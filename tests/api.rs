@@ -315,6 +315,65 @@ both_stores! {
         let product = "query($id: ID!) { product(id: $id) { id } }";
         assert_eq!(code(&app.gql(None, product, json!({"id": zeroed(&p)})).await), "BAD_USER_INPUT");
     };
+
+    // A document that ran before skips the engine's validation (only its
+    // variables are checked again): what a client sees must not change.
+    a_document_that_ran_before_refuses_bad_variables_and_bad_ids_as_the_first_time => |app: TestApp| async move {
+        let (token, _) = app.customer().await;
+        let p = app.create_product("AGAIN-1", 100, 50).await;
+        let create = "mutation($i: CreateOrderInput!) { createOrder(input: $i) { id lines { quantity } } }";
+        let post = |variables: serde_json::Value| {
+            let app = &app;
+            let token = token.clone();
+            async move {
+                let res = app
+                    .client
+                    .http
+                    .post(format!("{}/graphql", app.client.url))
+                    .bearer_auth(token)
+                    .header("accept", "application/graphql-response+json")
+                    .json(&json!({"query": create, "variables": variables}))
+                    .send()
+                    .await
+                    .unwrap();
+                (res.status().as_u16(), res.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        let wrong = [
+            json!({"i": {"lines": [{"productId": p, "quantity": "two"}]}}),
+            json!({"i": {"lines": [{"productId": p}]}}),
+            json!({"i": {"lines": [{"productId": p, "quantity": 1, "colour": "red"}]}}),
+            json!({"i": null}),
+        ];
+        let mut first = Vec::new();
+        for v in &wrong {
+            first.push(post(v.clone()).await);
+        }
+        let good = post(json!({"i": {"lines": [{"productId": p, "quantity": 2}]}})).await;
+        assert_eq!(good.0, 200, "{}", good.1);
+        assert_eq!(good.1["data"]["createOrder"]["lines"][0]["quantity"], 2);
+        // the same document again, now known: each wrong request answered
+        // exactly as before it was known, nothing placed
+        for (v, before) in wrong.iter().zip(&first) {
+            let again = post(v.clone()).await;
+            assert_eq!(&again, before, "{v}");
+            assert_eq!(again.0, 400, "{v}: {}", again.1);
+            assert_eq!(code(&again.1), "BAD_USER_INPUT", "{v}: {}", again.1);
+        }
+        let known = post(json!({"i": {"lines": [{"productId": p, "quantity": 3}]}})).await;
+        assert_eq!(known.1["data"]["createOrder"]["lines"][0]["quantity"], 3, "{}", known.1);
+        assert_eq!(app.stock(&p).await, 45);
+
+        // a document without variables, known after its first run: errors
+        // still carry their codes
+        let bad_id = "{ product(id: \"banana\") { id } }";
+        let once = app.gql(None, bad_id, json!({})).await;
+        let twice = app.gql(None, bad_id, json!({})).await;
+        assert_eq!(code(&once), "BAD_USER_INPUT", "{once}");
+        assert_eq!(once, twice);
+        let unknown_field = "{ product(id: \"prd_1\") { colour } }";
+        assert_eq!(app.gql(None, unknown_field, json!({})).await, app.gql(None, unknown_field, json!({})).await);
+    };
 }
 
 /// A row whose status the server does not know (written around the

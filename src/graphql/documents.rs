@@ -11,7 +11,12 @@
 //! comes back without variables (validation reads only the document, the
 //! schema and the variables' values): storefronts repeat the same catalog
 //! reads, and the engine's validation rules were a large share of their
-//! cost.
+//! cost. Over HTTP such a request goes further ([`Documents::run_known`]):
+//! it runs on the schema built without extensions ([`super::build_known`]),
+//! with this module's per-request work done around the call instead of in
+//! hooks, because the engine passes every field of every response through
+//! each extension when it has any (a boxed future per field per extension,
+//! and a registry lookup: about a third of an uncached catalog page).
 //!
 //! What the rest of a request needs to know about its document ([`Facts`]:
 //! whether it reads only the public catalog, which root field each
@@ -32,12 +37,12 @@ use async_graphql::{
         parse_query,
         types::{ExecutableDocument, Selection, SelectionSet},
     },
-    BatchRequest, Response, ServerError, ServerResult, ValidationResult, Variables,
+    BatchRequest, Request, Response, ServerError, ServerResult, ValidationResult, Variables,
 };
 
 use super::{
     cost::{self, Cost, Refusal},
-    errors,
+    errors, variables,
 };
 use crate::caching::{reads_only_catalog, CatalogOnly};
 
@@ -68,7 +73,11 @@ pub struct Documents(Arc<Mutex<HashMap<String, Entry>>>);
 struct Entry {
     doc: ExecutableDocument,
     facts: Arc<Facts>,
-    /// The outcome of validating it without variables, once it passed.
+    /// The outcome of validating it, once it passed. Passing with some
+    /// variables means passing without any (the rule that reads them skips
+    /// arguments whose variables are absent), so the result answers for a
+    /// request without variables; one with variables needs
+    /// [`variables::certainly_valid`] as well.
     validated: Option<ValidationResult>,
 }
 
@@ -156,6 +165,51 @@ impl Documents {
         Cost { complexity: total, ..Cost::default() }.check().map_err(refused)
     }
 
+    /// Runs `request` on `known` (the schema without extensions or
+    /// validation rules) when its document passed validation before and
+    /// nothing about the request can change that verdict: its variables, if
+    /// any, are certainly valid ([`variables::certainly_valid`]) and within
+    /// the cost limits; it has no extensions (a persisted query's hash or
+    /// registration takes the extension path). Does here what the extensions do for every other
+    /// request: the catalog verdict, the duration metric labelled with the
+    /// root field, the engine's errors coded. Gives the request back when it
+    /// is not such a request.
+    pub async fn run_known(
+        &self,
+        known: &super::ShopSchema,
+        mut request: Request,
+        catalog: &CatalogOnly,
+    ) -> Result<Response, Request> {
+        if !request.extensions.is_empty() || request.query.len() > CACHED_QUERY_BYTES {
+            return Err(request);
+        }
+        let entry = self
+            .0
+            .lock()
+            .expect("document cache lock")
+            .get(&request.query)
+            .and_then(|e| e.validated.map(|_| (e.doc.clone(), e.facts.clone())));
+        let Some((doc, facts)) = entry else { return Err(request) };
+        // without variables the document's cost is its own, and it passed
+        // when the document was first prepared; with them, the checks that
+        // read variables run here, and any doubt takes the full path (which
+        // gives the refusal)
+        if !request.variables.is_empty() {
+            let cheap = check_variables(&request.variables).is_ok()
+                && cost::of_document(&doc, &request.variables).is_ok_and(|c| c.check().is_ok());
+            if !cheap || !variables::certainly_valid(&doc, request.operation_name.as_deref(), &request.variables) {
+                return Err(request);
+            }
+        }
+        let started = std::time::Instant::now();
+        catalog.set(facts.catalog_only);
+        let label = facts.label(request.operation_name.as_deref()).map(str::to_string);
+        request.set_parsed_query(doc);
+        let response = errors::code_response(known.execute(request).await);
+        crate::telemetry::graphql_request(label.as_deref(), started.elapsed());
+        Ok(response)
+    }
+
     fn validated(&self, query: &str) -> Option<ValidationResult> {
         self.0.lock().expect("document cache lock").get(query).and_then(|e| e.validated)
     }
@@ -211,8 +265,11 @@ struct OneRequest {
 
 #[derive(Default)]
 struct RequestState {
-    /// The query text, when its validation may be remembered (no variables).
+    /// The query text, when its validation may be remembered.
     query: Option<String>,
+    /// Whether a remembered validation answers for this request (it has no
+    /// variables; with them, only `run_known`'s check may reuse it).
+    reuse: bool,
     facts: Option<Arc<Facts>>,
     /// The root field of the operation that ran, once execution started
     /// (reached only by valid documents, so it is a field the schema has).
@@ -249,8 +306,9 @@ impl Extension for OneRequest {
             slot.set(facts.catalog_only);
         }
         let mut state = self.state();
-        if variables.is_empty() && query.len() <= CACHED_QUERY_BYTES {
+        if query.len() <= CACHED_QUERY_BYTES {
             state.query = Some(query.to_string());
+            state.reuse = variables.is_empty();
         }
         state.facts = Some(facts);
         Ok(doc)
@@ -261,10 +319,15 @@ impl Extension for OneRequest {
         ctx: &ExtensionContext<'_>,
         next: NextValidation<'_>,
     ) -> Result<ValidationResult, Vec<ServerError>> {
-        let query = self.state().query.take();
+        let (query, reuse) = {
+            let mut state = self.state();
+            (state.query.take(), state.reuse)
+        };
         let Some(query) = query else { return next.run(ctx).await };
-        if let Some(result) = self.documents.validated(&query) {
-            return Ok(result);
+        if reuse {
+            if let Some(result) = self.documents.validated(&query) {
+                return Ok(result);
+            }
         }
         let result = next.run(ctx).await?;
         self.documents.remember_validated(&query, result);

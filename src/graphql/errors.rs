@@ -173,7 +173,8 @@ pub fn clip_message(mut e: ServerError) -> ServerError {
 /// contract codes, and clips every message, over HTTP and websockets alike.
 pub struct EngineErrorCodes;
 
-fn code_response(mut response: Response) -> Response {
+/// The response with every engine error coded and its message clipped.
+pub(crate) fn code_response(mut response: Response) -> Response {
     if !response.errors.is_empty() {
         response.errors = response.errors.into_iter().map(code_engine_error).map(clip_message).collect();
     }

@@ -21,6 +21,7 @@ pub mod persisted;
 mod query;
 mod subscription;
 pub mod types;
+mod variables;
 
 pub use mutation::Mutation;
 pub use query::Query;
@@ -67,6 +68,19 @@ pub fn build(
         .extension(errors::EngineErrorCodes)
         .extension(persisted)
         .extension(documents);
+    if !introspection {
+        builder = builder.disable_introspection().disable_suggestions();
+    }
+    builder.finish()
+}
+
+/// The same schema for documents that already passed [`build`]'s schema
+/// (`Documents::run_known`): no extensions, and only the engine's cheap
+/// checks instead of the validation rules, which passed for that document.
+pub fn build_known(services: Arc<Services>, introspection: bool) -> ShopSchema {
+    let mut builder = Schema::build(Query, Mutation, Subscription)
+        .data(services)
+        .validation_mode(async_graphql::ValidationMode::Fast);
     if !introspection {
         builder = builder.disable_introspection().disable_suggestions();
     }

@@ -98,7 +98,15 @@ async fn execute(
     let catalog = caching::CatalogOnly::default();
     let ticket = state.responses.ticket();
     let batch = batch.data(identity).data(client).data(catalog.clone());
-    let response = state.schema.execute_batch(batch).await;
+    let response = match batch {
+        BatchRequest::Single(request) => {
+            match state.documents.run_known(&state.known_schema, request, &catalog).await {
+                Ok(response) => BatchResponse::Single(response),
+                Err(request) => BatchResponse::Single(state.schema.execute(request).await),
+            }
+        }
+        batch => state.schema.execute_batch(batch).await,
+    };
     if let Some(secs) = rate_limited(&response) {
         let mut res = (StatusCode::TOO_MANY_REQUESTS, Json(response)).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, content_type(modern));

@@ -38,6 +38,9 @@ use crate::{
 #[derive(Clone)]
 pub struct HttpState {
     pub schema: ShopSchema,
+    /// The schema for documents that passed `schema`'s validation before
+    /// (`Documents::run_known`).
+    pub known_schema: ShopSchema,
     /// The schema's documents, to judge a whole batch before any of it runs.
     pub documents: Documents,
     pub auth: Arc<Auth>,
