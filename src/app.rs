@@ -233,7 +233,7 @@ impl Domain {
         let (events, relay_inbox) = EventBus::new();
         let orders = Arc::new(Orders {
             store: store.clone(),
-            scheduler: Scheduler { conn: redis.conn.clone(), keys: keys.clone() },
+            scheduler: Scheduler::new(redis.conn.clone(), keys.clone()),
             events: events.clone(),
             ttl: config.order_ttl,
             pending: PendingLimits { orders: config.max_pending_orders, units: config.max_pending_units },

@@ -157,6 +157,45 @@ fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
 /// The nudger's step with a chosen `now`: it claims only deadlines before
 /// it, touches their keys, puts back the members whose key still lives, and
 /// reports the orders whose key is gone.
+/// Orders placed at the same moment share their expiry writes; each one's
+/// hash, TTL and deadline entry are in Redis by the time `createOrder`
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_placed_at_once_each_have_their_expiry_hash_when_placement_answers() {
+    use shopgraph::expiry::schedule::{Keys, Shard};
+    let app = common::spawn_app(Backend::Sqlite).await;
+    let a = app.create_product("A", 250, 1000).await;
+    let mut tokens = Vec::new();
+    for _ in 0..4 {
+        tokens.push(app.customer().await.0);
+    }
+    let placements = (0..48).map(|i| {
+        let (app, token, a) = (&app, &tokens[i % tokens.len()], &a);
+        async move { app.create_order(token, &[(a, 1 + (i as i64 % 3))]).await }
+    });
+    let placed = futures_util::future::join_all(placements).await;
+    let client = redis::Client::open(app.config.redis_url.clone().unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = Keys { prefix: app.config.redis_key_prefix.clone() };
+    let mut shards = std::collections::HashSet::new();
+    for order in &placed {
+        let order = &order["data"]["createOrder"];
+        let id = shopgraph::domain::OrderId(order["id"].as_str().unwrap().trim_start_matches("ord_").parse().unwrap());
+        let deadline = time(&order["expiresAt"]).timestamp_millis();
+        let key = keys.order(id);
+        let hash: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(hash.get("total_cents"), Some(&order["totalCents"].to_string()), "{hash:?}");
+        assert_eq!(hash.get("currency").map(String::as_str), order["currency"].as_str(), "{hash:?}");
+        let expires: i64 = redis::cmd("PEXPIRETIME").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(expires, deadline, "{key}");
+        let score: Option<i64> =
+            redis::cmd("ZSCORE").arg(keys.deadlines(Shard::of(id))).arg(id.0).query_async(&mut conn).await.unwrap();
+        assert_eq!(score, Some(deadline), "{key}");
+        shards.insert(Shard::of(id));
+    }
+    assert!(shards.len() > 1, "the orders span several shards");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_nudge_claims_the_deadlines_before_its_now_and_keeps_those_whose_key_lives() {
     use shopgraph::expiry::{

@@ -1,12 +1,14 @@
 //! What an order's expiry is in Redis: the names of the keys ([`Keys`]) and
 //! the [`Scheduler`] that writes and removes an order's expiry hash and its
-//! entry in the deadline index. Placing and ending orders use this; the
-//! nudger, listener and canary read the same names.
+//! entry in the deadline index (new orders' writes go through one writer
+//! task, so orders placed together share a round trip). Placing and ending
+//! orders use this; the nudger, listener and canary read the same names.
 
 use redis::{AsyncCommands, RedisResult};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use crate::redis::RedisConn;
-use tracing::warn;
 
 use crate::{
     domain::{Order, OrderId},
@@ -100,39 +102,62 @@ impl Keys {
     }
 }
 
+/// Most expiry writes in one round trip. Orders placed together (one
+/// placement transaction wakes them at once) queue while the previous
+/// batch is out and go in the next.
+const MAX_BATCH: usize = 256;
+/// Writes waiting for the writer; past this a placement waits its turn.
+const QUEUE: usize = 4096;
+
 /// Writes and removes expiry hashes; cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
     pub conn: RedisConn,
     pub keys: Keys,
+    /// The writer task's queue ([`Scheduler::new`]).
+    writes: mpsc::Sender<Write>,
+}
+
+/// One order's expiry hash and deadline entry, and who waits for them.
+struct Write {
+    id: OrderId,
+    deadline_ms: i64,
+    fields: [(&'static str, String); 4],
+    written: oneshot::Sender<bool>,
 }
 
 impl Scheduler {
-    /// Writes the expiry hash and deadline entry of a new order in one
-    /// MULTI. A failure is logged and counted, not returned: the order exists
-    /// and the sweep cancels it on time without Redis.
+    /// A scheduler and its writer task (on the current runtime), which ends
+    /// when the last clone is dropped.
+    pub fn new(conn: RedisConn, keys: Keys) -> Scheduler {
+        let (writes, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(write_batches(conn.clone(), keys.clone(), queue));
+        Scheduler { conn, keys, writes }
+    }
+
+    /// Writes the expiry hash and deadline entry of a new order (with those
+    /// of the orders placed at the same time, in one MULTI per round trip;
+    /// per shard on a Cluster, whose slots a MULTI cannot span) and returns
+    /// once they are written. A failure is logged and counted, not
+    /// returned: the order exists and the sweep cancels it on time without
+    /// Redis.
     pub async fn schedule(&self, order: &Order) {
-        let key = self.keys.order(order.id);
-        let deadline = order.expires_at.timestamp_millis();
-        let fields = [
-            ("customer", order.customer_id.to_string()),
-            ("total_cents", order.total_cents.to_string()),
-            ("currency", order.currency.clone()),
-            ("expires_at", order.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        ];
-        let res: RedisResult<()> = redis::pipe()
-            .atomic()
-            .hset_multiple(&key, &fields)
-            .ignore()
-            .pexpire_at(&key, deadline)
-            .ignore()
-            .zadd(self.keys.deadlines(Shard::of(order.id)), order.id.0, deadline)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await;
-        if let Err(e) = res {
+        let (written, done) = oneshot::channel();
+        let write = Write {
+            id: order.id,
+            deadline_ms: order.expires_at.timestamp_millis(),
+            fields: [
+                ("customer", order.customer_id.to_string()),
+                ("total_cents", order.total_cents.to_string()),
+                ("currency", order.currency.clone()),
+                ("expires_at", order.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            ],
+            written,
+        };
+        let ok = self.writes.send(write).await.is_ok() && done.await.unwrap_or(false);
+        if !ok {
             telemetry::expiry_write_failed();
-            warn!(order_id = %order.id, error = %e, "could not write the expiry hash; the sweep will cancel this order");
+            warn!(order_id = %order.id, "could not write the expiry hash; the sweep will cancel this order");
         }
     }
 
@@ -172,6 +197,60 @@ impl Scheduler {
         let counts: Vec<u64> = futures_util::future::try_join_all(counts).await?;
         Ok(counts.into_iter().sum())
     }
+}
+
+/// The writer task: takes every write waiting, writes them, tells each
+/// waiting placement, and again.
+async fn write_batches(conn: RedisConn, keys: Keys, mut queue: mpsc::Receiver<Write>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let results = write_batch(&conn, &keys, &batch).await;
+        for (write, ok) in batch.drain(..).zip(results) {
+            // a placement that gave up waiting no longer listens
+            let _ = write.written.send(ok);
+        }
+    }
+}
+
+/// Writes a batch: one MULTI for all of it, or on a Cluster one per shard
+/// (a shard's keys share a slot), the shards at once. Whether each write
+/// landed, in batch order.
+async fn write_batch(conn: &RedisConn, keys: &Keys, batch: &[Write]) -> Vec<bool> {
+    let groups: Vec<Vec<usize>> = if conn.is_cluster() {
+        let mut by_shard: std::collections::HashMap<Shard, Vec<usize>> = Default::default();
+        for (i, w) in batch.iter().enumerate() {
+            by_shard.entry(Shard::of(w.id)).or_default().push(i);
+        }
+        by_shard.into_values().collect()
+    } else {
+        vec![(0..batch.len()).collect()]
+    };
+    let writes = groups.into_iter().map(|group| {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for &i in &group {
+            let w = &batch[i];
+            let key = keys.order(w.id);
+            pipe.hset_multiple(&key, &w.fields).ignore();
+            pipe.pexpire_at(&key, w.deadline_ms).ignore();
+            pipe.zadd(keys.deadlines(Shard::of(w.id)), w.id.0, w.deadline_ms).ignore();
+        }
+        let mut conn = conn.clone();
+        async move {
+            let res: RedisResult<()> = pipe.query_async(&mut conn).await;
+            if let Err(e) = &res {
+                warn!(error = %e, orders = group.len(), "expiry hashes not written");
+            }
+            (group, res.is_ok())
+        }
+    });
+    let mut landed = vec![false; batch.len()];
+    for (group, ok) in futures_util::future::join_all(writes).await {
+        for i in group {
+            landed[i] = ok;
+        }
+    }
+    landed
 }
 
 #[cfg(test)]
