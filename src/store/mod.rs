@@ -265,6 +265,28 @@ pub(crate) fn cancel_refused(order: Option<Order>) -> CancelOutcome {
 
 /// The `status` column as a status. Other text (a row written by something
 /// else) is an error, reported as `INTERNAL`, never read as pending.
+/// A product row, whose columns every product query of both stores
+/// selects in this order: `id, sku, name, price_cents, currency, stock`.
+/// Read by position: a column read by name is a hashed lookup per column
+/// per row, and a catalog page reads 120 of them.
+pub(crate) fn product_from<'r, R>(row: &'r R) -> Result<Product, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Product {
+        id: ProductId(row.try_get(0)?),
+        sku: row.try_get(1)?,
+        name: row.try_get(2)?,
+        price_cents: row.try_get(3)?,
+        currency: row.try_get(4)?,
+        stock: row.try_get(5)?,
+    })
+}
+
 pub(crate) fn status_from(raw: &str) -> Result<OrderStatus, sqlx::Error> {
     OrderStatus::from_db(raw).ok_or_else(|| undecodable("status", raw))
 }

@@ -19,11 +19,11 @@ use sqlx::{
 };
 
 use finish::{finish_cancel, record_events};
-use rows::{order_from, product_from, with_lines};
+use rows::{order_from, with_lines};
 
 use super::{
-    cancel_refused, events_from, pay_refused, visible, CancelOutcome, ExpiredBatch, PayOutcome, PendingLimits,
-    PlaceError, Placed, Store, StoreError,
+    cancel_refused, events_from, pay_refused, product_from, visible, CancelOutcome, ExpiredBatch, PayOutcome,
+    PendingLimits, PlaceError, Placed, Store, StoreError,
 };
 use crate::auth::Viewer;
 use crate::domain::{

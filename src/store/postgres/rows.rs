@@ -4,22 +4,7 @@
 use sqlx::{postgres::PgRow, PgPool, Postgres, Row};
 
 use crate::domain::{CustomerId, Order, OrderId, OrderLine, Product, ProductId};
-use crate::store::{attach_lines, reason_from, status_from, StoreError};
-
-/// A product row, whose columns every product query selects in this order:
-/// `id, sku, name, price_cents, currency, stock`. Read by position: a column
-/// read by name is a hashed lookup per column per row, and a catalog page
-/// reads 120 of them.
-pub(super) fn product_from(row: &PgRow) -> Result<Product, sqlx::Error> {
-    Ok(Product {
-        id: ProductId(row.try_get(0)?),
-        sku: row.try_get(1)?,
-        name: row.try_get(2)?,
-        price_cents: row.try_get(3)?,
-        currency: row.try_get(4)?,
-        stock: row.try_get(5)?,
-    })
-}
+use crate::store::{attach_lines, product_from, reason_from, status_from, StoreError};
 
 pub(super) fn order_from(row: &PgRow) -> Result<Order, sqlx::Error> {
     let reason: Option<String> = row.try_get("cancel_reason")?;

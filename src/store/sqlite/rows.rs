@@ -4,23 +4,8 @@
 use sqlx::{sqlite::SqliteRow, Row, Sqlite};
 
 use super::{json_ids, time};
-use crate::domain::{CustomerId, Order, OrderId, OrderLine, Product, ProductId};
+use crate::domain::{CustomerId, Order, OrderId, OrderLine, ProductId};
 use crate::store::{attach_lines, reason_from, status_from};
-
-/// A product row, whose columns every product query selects in this order:
-/// `id, sku, name, price_cents, currency, stock`. Read by position: a column
-/// read by name is a hashed lookup per column per row, and a catalog page
-/// reads 120 of them.
-pub(super) fn product_from(row: &SqliteRow) -> Result<Product, sqlx::Error> {
-    Ok(Product {
-        id: ProductId(row.try_get(0)?),
-        sku: row.try_get(1)?,
-        name: row.try_get(2)?,
-        price_cents: row.try_get(3)?,
-        currency: row.try_get(4)?,
-        stock: row.try_get(5)?,
-    })
-}
 
 pub(super) fn order_from(row: &SqliteRow) -> Result<Order, sqlx::Error> {
     let reason: Option<String> = row.try_get("cancel_reason")?;
