@@ -373,6 +373,29 @@ both_stores! {
         assert_eq!(once, twice);
         let unknown_field = "{ product(id: \"prd_1\") { colour } }";
         assert_eq!(app.gql(None, unknown_field, json!({})).await, app.gql(None, unknown_field, json!({})).await);
+        // the operation a name selects, or the engine's refusal of a name
+        // that selects none, the same before and after the document is known
+        let two = "query A { products(first: 1) { nodes { sku } } } query B { products(first: 2) { nodes { sku } } }";
+        for name in [json!("B"), json!("C"), serde_json::Value::Null] {
+            let run = || async {
+                let res = app
+                    .client
+                    .http
+                    .post(format!("{}/graphql", app.client.url))
+                    .json(&json!({"query": two, "operationName": name}))
+                    .send()
+                    .await
+                    .unwrap();
+                res.json::<serde_json::Value>().await.unwrap()
+            };
+            let (first, again) = (run().await, run().await);
+            assert_eq!(first, again, "{name}");
+            if name == "B" {
+                assert!(first["errors"].is_null(), "{first}");
+            } else {
+                assert!(first["errors"][0]["message"].is_string(), "{name}: {first}");
+            }
+        }
     };
 }
 

@@ -167,13 +167,14 @@ impl Documents {
 
     /// Runs `request` on `known` (the schema without extensions or
     /// validation rules) when its document passed validation before and
-    /// nothing about the request can change that verdict: its variables, if
-    /// any, are certainly valid ([`variables::certainly_valid`]) and within
-    /// the cost limits; it has no extensions (a persisted query's hash or
-    /// registration takes the extension path). Does here what the extensions do for every other
+    /// nothing about the request can change that verdict: it selects an
+    /// operation; its variables, if any, are certainly valid
+    /// ([`variables::certainly_valid`]) and within the cost limits; it has
+    /// no extensions (a persisted query's hash or registration takes the
+    /// extension path). Does here what the extensions do for every other
     /// request: the catalog verdict, the duration metric labelled with the
-    /// root field, the engine's errors coded. Gives the request back when it
-    /// is not such a request.
+    /// root field, the engine's errors coded. Gives the request back when
+    /// it is not such a request, for the full path and its answer.
     pub async fn run_known(
         &self,
         known: &super::ShopSchema,
@@ -190,6 +191,9 @@ impl Documents {
             .get(&request.query)
             .and_then(|e| e.validated.map(|_| (e.doc.clone(), e.facts.clone())));
         let Some((doc, facts)) = entry else { return Err(request) };
+        if variables::selected(&doc, request.operation_name.as_deref()).is_none() {
+            return Err(request);
+        }
         // without variables the document's cost is its own, and it passed
         // when the document was first prepared; with them, the checks that
         // read variables run here, and any doubt takes the full path (which

@@ -49,9 +49,16 @@ pub fn certainly_valid(doc: &ExecutableDocument, operation_name: Option<&str>, v
     })
 }
 
-fn selected<'a>(doc: &'a ExecutableDocument, operation_name: Option<&str>) -> Option<&'a OperationDefinition> {
+/// The operation a request runs, chosen as the engine chooses it (`None`
+/// where the engine answers "Unknown operation" or "Operation name
+/// required").
+pub(super) fn selected<'a>(
+    doc: &'a ExecutableDocument,
+    operation_name: Option<&str>,
+) -> Option<&'a OperationDefinition> {
     match (&doc.operations, operation_name) {
-        (DocumentOperations::Single(op), _) => Some(&op.node),
+        (DocumentOperations::Single(op), None) => Some(&op.node),
+        (DocumentOperations::Single(_), Some(_)) => None,
         (DocumentOperations::Multiple(ops), Some(name)) => ops.get(name).map(|op| &op.node),
         (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => ops.values().next().map(|op| &op.node),
         _ => None,
@@ -134,5 +141,9 @@ mod tests {
         }
         let unnamed = "query A { products { nodes { id } } } query B { products { nodes { id } } }";
         assert!(!check(unnamed, serde_json::json!({})), "no operation selected");
+        let doc = parse_query(CREATE).unwrap();
+        assert!(selected(&doc, Some("Create")).is_none(), "an anonymous operation has no name to select");
+        let doc = parse_query(unnamed).unwrap();
+        assert!(selected(&doc, Some("B")).is_some() && selected(&doc, Some("C")).is_none());
     }
 }
