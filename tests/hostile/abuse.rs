@@ -168,6 +168,62 @@ async fn create_order_is_rate_limited_per_customer_but_replays_are_answered() {
     assert_eq!(app.stock(&product).await, 96);
 }
 
+/// Concurrent orders are counted hit by hit in Redis: of a burst, exactly
+/// the limit passes for each customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_orders_is_counted_exactly_at_the_rate_limit() {
+    let app = std::sync::Arc::new(common::spawn_app_with(Backend::Sqlite, |c| c.order_rate_limit_per_minute = 7).await);
+    let product = app.create_product("BURST", 100, 1000).await;
+    let (a, _) = app.customer().await;
+    let (b, _) = app.customer().await;
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (app, product) = (app.clone(), product.clone());
+            let token = if i % 3 == 0 { b.clone() } else { a.clone() };
+            tokio::spawn(async move { (i % 3 == 0, order(&app, &token, &product, 1, None).await.status) })
+        })
+        .collect();
+    let (mut placed_a, mut placed_b, mut limited) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (true, StatusCode::OK) => placed_b += 1,
+            (false, StatusCode::OK) => placed_a += 1,
+            (_, StatusCode::TOO_MANY_REQUESTS) => limited += 1,
+            (_, other) => panic!("unexpected {other}"),
+        }
+    }
+    // a sent 20, b 10: each gets 7
+    assert_eq!((placed_a, placed_b, limited), (7, 7, 16));
+    assert_eq!(app.stock(&product).await, 1000 - 14);
+}
+
+/// A Redis that restarted has forgotten the counting script: the next hit
+/// loads it again and is still counted in Redis, shared by instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_still_shared_after_redis_forgets_its_scripts() {
+    let redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let one = common::spawn_app_with(Backend::Sqlite, |c| {
+        c.redis_url = Some(url);
+        c.login_rate_limit_per_account = 4;
+    })
+    .await;
+    let two = one.sibling().await;
+    register(&one, "flush@example.com").await;
+    let a = login(&one, None, "flush@example.com", "guess 0").await;
+    assert_eq!(a.code(), "UNAUTHENTICATED", "{}", a.body);
+    let mut conn = redis.conn().await;
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+    for i in 1..4 {
+        let app = if i % 2 == 0 { &one } else { &two };
+        let a = login(app, None, "flush@example.com", &format!("guess {i}")).await;
+        assert_eq!(a.code(), "UNAUTHENTICATED", "{}", a.body);
+    }
+    // the fifth attempt, on either instance, is over the shared budget
+    assert_rate_limited(&login(&two, None, "flush@example.com", "guess 4").await, 60);
+    assert_rate_limited(&login(&one, None, "flush@example.com", "guess 5").await, 60);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_is_limited_per_account_across_instances() {
     let one = common::spawn_app_with(Backend::Sqlite, |c| c.login_rate_limit_per_account = 4).await;
