@@ -164,13 +164,9 @@ impl Scheduler {
     /// Removes the expiry state of orders that reached a final status: one
     /// MULTI per shard (a shard's keys share a slot), the shards at once.
     pub async fn forget(&self, ids: &[OrderId]) -> RedisResult<()> {
-        let mut by_shard: std::collections::HashMap<Shard, Vec<OrderId>> = Default::default();
-        for id in ids {
-            by_shard.entry(Shard::of(*id)).or_default().push(*id);
-        }
-        let writes = by_shard.into_iter().map(|(shard, ids)| {
-            let keys: Vec<String> = ids.iter().map(|id| self.keys.order(*id)).collect();
-            let members: Vec<i64> = ids.iter().map(|id| id.0).collect();
+        let writes = by_shard(ids.iter().copied()).into_iter().map(|(shard, positions)| {
+            let keys: Vec<String> = positions.iter().map(|&i| self.keys.order(ids[i])).collect();
+            let members: Vec<i64> = positions.iter().map(|&i| ids[i].0).collect();
             let mut conn = self.conn.clone();
             let deadlines = self.keys.deadlines(shard);
             async move {
@@ -199,6 +195,16 @@ impl Scheduler {
     }
 }
 
+/// The positions of `ids` by shard: what one MULTI may hold on a Cluster
+/// (a shard's keys share a slot).
+fn by_shard(ids: impl Iterator<Item = OrderId>) -> std::collections::HashMap<Shard, Vec<usize>> {
+    let mut shards: std::collections::HashMap<Shard, Vec<usize>> = Default::default();
+    for (i, id) in ids.enumerate() {
+        shards.entry(Shard::of(id)).or_default().push(i);
+    }
+    shards
+}
+
 /// The writer task: takes every write waiting, writes them, tells each
 /// waiting placement, and again.
 async fn write_batches(conn: RedisConn, keys: Keys, mut queue: mpsc::Receiver<Write>) {
@@ -217,11 +223,7 @@ async fn write_batches(conn: RedisConn, keys: Keys, mut queue: mpsc::Receiver<Wr
 /// landed, in batch order.
 async fn write_batch(conn: &RedisConn, keys: &Keys, batch: &[Write]) -> Vec<bool> {
     let groups: Vec<Vec<usize>> = if conn.is_cluster() {
-        let mut by_shard: std::collections::HashMap<Shard, Vec<usize>> = Default::default();
-        for (i, w) in batch.iter().enumerate() {
-            by_shard.entry(Shard::of(w.id)).or_default().push(i);
-        }
-        by_shard.into_values().collect()
+        by_shard(batch.iter().map(|w| w.id)).into_values().collect()
     } else {
         vec![(0..batch.len()).collect()]
     };
