@@ -42,7 +42,7 @@ use crate::{
         subscription, RedisConn, Topology,
     },
     serve::{self, ServeSettings},
-    store::{self, PendingLimits, Store, StoreError},
+    store::{self, PlacementLimits, Store, StoreError},
     telemetry,
     ws::WsSettings,
 };
@@ -236,7 +236,11 @@ impl Domain {
             scheduler: Scheduler::new(redis.conn.clone(), keys.clone()),
             events: events.clone(),
             ttl: config.order_ttl,
-            pending: PendingLimits { orders: config.max_pending_orders, units: config.max_pending_units },
+            limits: PlacementLimits {
+                orders: config.max_pending_orders,
+                units: config.max_pending_units,
+                per_window: config.order_rate_limit_per_minute,
+            },
         });
         let auth = Auth::new(config.admin_token.clone(), &jwt_secret(config), config.jwt_lifetime);
         if config.admin_token.is_none() {
@@ -319,7 +323,6 @@ fn http_state(
             LimitSettings {
                 auth_per_address: config.auth_rate_limit_per_minute,
                 login_per_account: config.login_rate_limit_per_account,
-                orders_per_customer: config.order_rate_limit_per_minute,
             },
         ),
     });

@@ -53,7 +53,7 @@ impl From<PlaceError> for ShopError {
             PlaceError::MixedCurrencies => ShopError::Invalid(InvalidInput(e.to_string())),
             PlaceError::TotalTooLarge => ShopError::Invalid(InvalidInput(e.to_string())),
             PlaceError::IdempotencyConflict => ShopError::Conflict(e.to_string()),
-            PlaceError::TooManyPending { .. } | PlaceError::TooManyUnits { .. } => {
+            PlaceError::TooManyPending { .. } | PlaceError::TooManyUnits { .. } | PlaceError::TooManyPlaced { .. } => {
                 // Orders::place answers these with the wait; this is the fallback
                 ShopError::RateLimited(crate::ratelimit::Refusal {
                     message: e.to_string(),

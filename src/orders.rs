@@ -15,8 +15,8 @@ use crate::{
     error::{ShopError, ShopResult},
     events::EventBus,
     expiry::schedule::Scheduler,
-    ratelimit::Refusal,
-    store::{CancelOutcome, PayOutcome, PendingLimits, PlaceError, Store},
+    ratelimit::{self, Refusal},
+    store::{placement::PLACEMENT_WINDOW, CancelOutcome, PayOutcome, PlaceError, PlacementLimits, Store},
     telemetry,
 };
 
@@ -25,8 +25,9 @@ pub struct Orders {
     pub scheduler: Scheduler,
     pub events: EventBus,
     pub ttl: Duration,
-    /// What one customer's unpaid orders may hold (`MAX_PENDING_ORDERS`, `MAX_PENDING_UNITS`).
-    pub pending: PendingLimits,
+    /// What one customer's unpaid orders may hold (`MAX_PENDING_ORDERS`,
+    /// `MAX_PENDING_UNITS`) and how often it may place (`ORDER_RATE_LIMIT`).
+    pub limits: PlacementLimits,
 }
 
 impl Orders {
@@ -46,7 +47,7 @@ impl Orders {
         let expires_at =
             now + chrono::Duration::from_std(self.ttl).expect("ORDER_TTL is at most 30 days (config::MAX_ORDER_TTL)");
         let started = std::time::Instant::now();
-        let placed = match self.store.place_order(customer, &request, now, expires_at, self.pending).await {
+        let placed = match self.store.place_order(customer, &request, now, expires_at, self.limits).await {
             Ok(placed) => placed,
             Err(e) => return Err(self.refused(e, now)),
         };
@@ -73,12 +74,19 @@ impl Orders {
     /// A placement refusal in domain words; the pending limits say how long
     /// until the customer's earliest unpaid order ends (at the latest).
     fn refused(&self, e: PlaceError, now: DateTime<Utc>) -> ShopError {
-        let free_at = match &e {
-            PlaceError::TooManyPending { free_at, .. } | PlaceError::TooManyUnits { free_at, .. } => *free_at,
-            _ => return e.into(),
+        let wait = |free_at: Option<DateTime<Utc>>, otherwise: Duration| {
+            free_at.and_then(|t| (t - now).to_std().ok()).unwrap_or(otherwise)
         };
-        let retry_after = free_at.and_then(|t| (t - now).to_std().ok()).unwrap_or(self.ttl);
-        ShopError::RateLimited(Refusal { message: e.to_string(), retry_after: retry_after.max(Duration::from_secs(1)) })
+        match &e {
+            PlaceError::TooManyPending { free_at, .. } | PlaceError::TooManyUnits { free_at, .. } => {
+                let retry_after = wait(*free_at, self.ttl).max(Duration::from_secs(1));
+                ShopError::RateLimited(Refusal { message: e.to_string(), retry_after })
+            }
+            PlaceError::TooManyPlaced { free_at, .. } => {
+                ShopError::RateLimited(ratelimit::refusal(&e.to_string(), wait(*free_at, PLACEMENT_WINDOW)))
+            }
+            _ => e.into(),
+        }
     }
 
     pub async fn pay(&self, identity: Identity, id: OrderId) -> ShopResult<Order> {

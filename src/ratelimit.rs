@@ -1,5 +1,7 @@
 //! Abuse limits by rate: `login` per client address and per account,
-//! `registerCustomer` per client address, `createOrder` per customer.
+//! `registerCustomer` per client address. (`createOrder` per customer is
+//! counted by the placing transaction itself, on the customer's row: see
+//! `store::placement`.)
 //!
 //! Each limit is a fixed window counted in Redis (one `INCR` and, for a
 //! window's first hit, `PEXPIRE`, in one Lua script under
@@ -19,7 +21,7 @@ use std::{
 
 use crate::redis::RedisConn;
 
-use crate::{client_addr::limit_key, domain::CustomerId};
+use crate::client_addr::limit_key;
 
 /// How long a limit waits for Redis before counting locally.
 pub const REDIS_BUDGET: Duration = Duration::from_millis(150);
@@ -68,8 +70,6 @@ pub struct LimitSettings {
     pub auth_per_address: u32,
     /// `login` per account (`LOGIN_RATE_LIMIT_PER_ACCOUNT`).
     pub login_per_account: u32,
-    /// `createOrder` per customer (`ORDER_RATE_LIMIT`).
-    pub orders_per_customer: u32,
 }
 
 /// Every rate limit of the service, counted in Redis or, while Redis is
@@ -83,7 +83,6 @@ pub struct Limits {
     redis_down_until: Mutex<Option<Instant>>,
     auth_address: Limit,
     login_account: Limit,
-    orders: Limit,
 }
 
 impl Limits {
@@ -97,7 +96,6 @@ impl Limits {
             redis_down_until: Mutex::default(),
             auth_address: Limit::per_minute("auth-address", settings.auth_per_address),
             login_account: Limit::per_minute("login-account", settings.login_per_account),
-            orders: Limit::per_minute("create-order", settings.orders_per_customer),
         }
     }
 
@@ -120,13 +118,6 @@ impl Limits {
         self.hit(self.auth_address, &limit_key(addr).to_string())
             .await
             .map_err(|wait| refusal("too many attempts from this address", wait))
-    }
-
-    /// A `createOrder` by `customer`.
-    pub async fn create_order(&self, customer: CustomerId) -> Result<(), Refusal> {
-        self.hit(self.orders, &customer.0.to_string()).await.map_err(|wait| {
-            refusal(&format!("too many orders placed (at most {} a minute)", self.orders.per_window), wait)
-        })
     }
 
     /// Counts one hit on `limit` for `subject`; `Err(wait)` when over it.
@@ -164,7 +155,8 @@ impl Limits {
     }
 }
 
-fn refusal(what: &str, wait: Duration) -> Refusal {
+/// A refusal of `what` for `wait`, said in whole seconds.
+pub(crate) fn refusal(what: &str, wait: Duration) -> Refusal {
     // whole seconds, rounded up: `Retry-After` and the message agree, and
     // a client that waits that long is let in
     let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
@@ -206,7 +198,7 @@ mod tests {
     use super::*;
 
     fn settings(n: u32) -> LimitSettings {
-        LimitSettings { auth_per_address: n, login_per_account: n, orders_per_customer: n }
+        LimitSettings { auth_per_address: n, login_per_account: n }
     }
 
     #[tokio::test]
@@ -231,11 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_account_is_limited_whatever_the_address() {
-        let l = Limits::new(
-            None,
-            "t:",
-            LimitSettings { auth_per_address: 100, login_per_account: 2, orders_per_customer: 1 },
-        );
+        let l = Limits::new(None, "t:", LimitSettings { auth_per_address: 100, login_per_account: 2 });
         for i in 0..2 {
             assert!(l.login(format!("10.0.0.{i}").parse().unwrap(), Some("a@b.io")).await.is_ok());
         }

@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use shopgraph::{
     domain::{CustomerId, OrderRequest, ProductId, Quantity},
-    store::{PendingLimits, PlaceError},
+    store::{PlaceError, PlacementLimits},
 };
 
 const UNKNOWN: &str = "prd_987654";
@@ -85,7 +85,7 @@ async fn place(
     app: &TestApp,
     customer: CustomerId,
     lines: &[(&str, i64)],
-    limits: PendingLimits,
+    limits: PlacementLimits,
 ) -> Result<(), PlaceError> {
     let now = Utc::now();
     let expires_at = now + chrono::Duration::seconds(60);
@@ -127,8 +127,8 @@ both_stores! {
         let (_, id) = app.customer().await;
         let customer = CustomerId::parse(&id).unwrap();
         // the customer holds one unpaid order of 4 units: at a limit of one order and of 5 units
-        place(&app, customer, &[(&catalog.plenty, 4)], PendingLimits::NONE).await.unwrap();
-        let limits = PendingLimits { orders: 1, units: 5 };
+        place(&app, customer, &[(&catalog.plenty, 4)], PlacementLimits::NONE).await.unwrap();
+        let limits = PlacementLimits { orders: 1, units: 5, ..PlacementLimits::NONE };
         let (plenty, short, eur) = (catalog.plenty.as_str(), catalog.short.as_str(), catalog.eur.as_str());
         let cases: Vec<(Vec<(&str, i64)>, &str)> = vec![
             (vec![(short, 5), (UNKNOWN, 1)], "UnknownProduct"),
@@ -141,7 +141,7 @@ both_stores! {
             assert!(format!("{got:?}").starts_with(want), "{lines:?}: want {want}, got {got:?}");
         }
         // room for one more order, not for its units
-        let got = place(&app, customer, &[(plenty, 2)], PendingLimits { orders: 2, units: 5 }).await.unwrap_err();
+        let got = place(&app, customer, &[(plenty, 2)], PlacementLimits { orders: 2, units: 5, ..PlacementLimits::NONE }).await.unwrap_err();
         assert!(matches!(got, PlaceError::TooManyUnits { max: 5, would_hold: 6, .. }), "{got:?}");
         // the same, many at once (Postgres: in batches), from the limited customer
         let burst = (0..16).map(|i| {

@@ -23,7 +23,7 @@ pub mod placement;
 pub mod postgres;
 pub mod sqlite;
 
-pub use placement::PendingLimits;
+pub use placement::PlacementLimits;
 
 /// What can go wrong below the domain.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,10 @@ pub enum PlaceError {
     /// The order would take the customer's unpaid units past `max`.
     #[error("unpaid orders may hold at most {max} units per customer; this order would hold {would_hold}")]
     TooManyUnits { max: u32, would_hold: i64, free_at: Option<DateTime<Utc>> },
+    /// The customer attempted more than `max` placements in the window
+    /// that ends at `free_at`.
+    #[error("too many orders placed (at most {max} a minute)")]
+    TooManyPlaced { max: u32, free_at: Option<DateTime<Utc>> },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -157,7 +161,7 @@ pub trait Store: Send + Sync + 'static {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        limits: PlacementLimits,
     ) -> Result<Placed, PlaceError>;
     /// The order placed earlier with the request's idempotency key, if any
     /// (`IdempotencyConflict` when its lines differ). The one rule of key

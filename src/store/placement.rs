@@ -10,6 +10,11 @@
 //!
 //! When several rules are broken, the refusal is the first of, in order:
 //!
+//! 0. `TooManyPlaced` (`RATE_LIMITED`): the customer's placements in the
+//!    current window (this one included) exceed `ORDER_RATE_LIMIT`; nothing
+//!    else is judged. The window is counted on the customer's row by the
+//!    placing transaction itself, so every instance shares it exactly, with
+//!    or without Redis, and it costs no round trip of its own.
 //! 1. `UnknownProduct` (`NOT_FOUND`): the first line, in product id order,
 //!    whose product does not exist. Nothing else can be judged about it.
 //! 2. `MixedCurrencies`, then `TotalTooLarge` (`BAD_USER_INPUT`): the
@@ -29,17 +34,24 @@ use chrono::{DateTime, Utc};
 use super::PlaceError;
 use crate::domain::{CustomerId, Order, OrderId, OrderLine, OrderRequest, OrderStatus, MAX_TOTAL_CENTS};
 
-/// What one customer's unpaid (pending, not yet past their deadline)
-/// orders may hold at once.
+/// How often one customer may place orders: at most `per_window`
+/// placement attempts (refused ones too) in each fixed window of this length,
+/// which starts with the first attempt after the previous one ended.
+pub const PLACEMENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What one customer may do at once: what its unpaid (pending, not yet past
+/// their deadline) orders may hold, and how many placements it may attempt
+/// per [`PLACEMENT_WINDOW`] (`ORDER_RATE_LIMIT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingLimits {
+pub struct PlacementLimits {
     pub orders: u32,
     pub units: u32,
+    pub per_window: u32,
 }
 
-impl PendingLimits {
+impl PlacementLimits {
     /// No limit: for tools and tests that place orders directly.
-    pub const NONE: PendingLimits = PendingLimits { orders: u32::MAX, units: u32::MAX };
+    pub const NONE: PlacementLimits = PlacementLimits { orders: u32::MAX, units: u32::MAX, per_window: u32::MAX };
 }
 
 /// A line's product as the placing transaction read it.
@@ -50,13 +62,18 @@ pub(crate) struct Stocked {
     pub currency: String,
 }
 
-/// What the customer's unpaid orders held when the placement was decided.
+/// What the customer's unpaid orders held when the placement was decided,
+/// and its placements in the current window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Pending {
     pub orders: i64,
     pub units: i64,
     /// The earliest deadline among them: when a place frees up at the latest.
     pub first_expiry: Option<DateTime<Utc>>,
+    /// Placement attempts in the current window, this one included.
+    pub placed: i64,
+    /// When the current window ends.
+    pub window_ends: Option<DateTime<Utc>>,
 }
 
 /// An order that passed every rule: what to write for it.
@@ -75,8 +92,11 @@ pub(crate) fn decide(
     request: &OrderRequest,
     products: &[Option<Stocked>],
     pending: Pending,
-    limits: PendingLimits,
+    limits: PlacementLimits,
 ) -> Result<Accepted, PlaceError> {
+    if pending.placed > i64::from(limits.per_window) {
+        return Err(PlaceError::TooManyPlaced { max: limits.per_window, free_at: pending.window_ends });
+    }
     let mut lines = Vec::with_capacity(request.lines.len());
     for (i, (product, quantity)) in request.lines.iter().enumerate() {
         match products.get(i).and_then(Option::as_ref) {
@@ -157,8 +177,8 @@ mod tests {
         Some(Stocked { stock, price_cents: 100, currency: "EUR".into() })
     }
 
-    const LIMITS: PendingLimits = PendingLimits { orders: 2, units: 10 };
-    const FULL: Pending = Pending { orders: 2, units: 0, first_expiry: None };
+    const LIMITS: PlacementLimits = PlacementLimits { orders: 2, units: 10, per_window: 5 };
+    const FULL: Pending = Pending { orders: 2, units: 0, first_expiry: None, placed: 1, window_ends: None };
 
     fn refusal(lines: &[(i64, i32)], products: &[Option<Stocked>], pending: Pending) -> String {
         format!("{:?}", decide(&request(lines), products, pending, LIMITS).unwrap_err())
@@ -168,6 +188,14 @@ mod tests {
     fn an_order_that_breaks_no_rule_is_priced_line_by_line() {
         let accepted = decide(&request(&[(1, 2), (2, 3)]), &[usd(2, 250), usd(9, 100)], Pending::default(), LIMITS);
         assert_eq!(accepted.unwrap(), Accepted { currency: "USD".into(), prices: vec![250, 100], total: 800 });
+    }
+
+    #[test]
+    fn over_the_rate_limit_nothing_else_is_judged() {
+        let over = Pending { placed: 6, ..Pending::default() };
+        assert_eq!(refusal(&[(1, 5)], &[None], over), "TooManyPlaced { max: 5, free_at: None }");
+        let at = Pending { placed: 5, ..Pending::default() };
+        assert!(decide(&request(&[(1, 1)]), &[usd(9, 100)], at, LIMITS).is_ok(), "the fifth attempt passes");
     }
 
     #[test]
@@ -199,7 +227,7 @@ mod tests {
     fn the_pending_limits_come_last_orders_before_units() {
         let r = refusal(&[(1, 11)], &[usd(99, 1)], FULL);
         assert!(r.starts_with("TooManyPending { max: 2"), "{r}");
-        let r = refusal(&[(1, 4)], &[usd(99, 1)], Pending { orders: 1, units: 7, first_expiry: None });
+        let r = refusal(&[(1, 4)], &[usd(99, 1)], Pending { orders: 1, units: 7, ..FULL });
         assert!(r.starts_with("TooManyUnits { max: 10, would_hold: 11"), "{r}");
     }
 }

@@ -23,7 +23,7 @@ use rows::{order_from, with_lines};
 
 use super::{
     cancel_refused, events_from, pay_refused, product_from, visible, CancelOutcome, ExpiredBatch, PayOutcome,
-    PendingLimits, PlaceError, Placed, Store, StoreError,
+    PlaceError, Placed, PlacementLimits, Store, StoreError,
 };
 use crate::auth::Viewer;
 use crate::domain::{
@@ -197,7 +197,7 @@ impl Store for SqliteStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        limits: PlacementLimits,
     ) -> Result<Placed, PlaceError> {
         self.place(customer, request, now, expires_at, limits).await
     }

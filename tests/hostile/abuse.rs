@@ -2,7 +2,8 @@
 //! `createOrder` rate), password guessing (per client address, per account,
 //! across instances), `TRUSTED_PROXIES`, and what HTTP says about refusals
 //! (429 + `Retry-After`, 401 + `WWW-Authenticate`). Redis being down loosens
-//! the shared limits to per-process, never lifts them.
+//! the login and registration limits to per-process, never lifts them; the
+//! `createOrder` rate is counted in the database and stays exact.
 
 use std::time::{Duration, Instant};
 
@@ -145,56 +146,101 @@ crate::both_stores! {
         let (b, _) = app.customer().await;
         assert_eq!(order(&app, &b, &product, 1000, None).await.code(), "INSUFFICIENT_STOCK");
     };
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_order_is_rate_limited_per_customer_but_replays_are_answered() {
-    let app = common::spawn_app_with(Backend::Sqlite, |c| c.order_rate_limit_per_minute = 3).await;
-    let product = app.create_product("RATE", 100, 100).await;
-    let (a, _) = app.customer().await;
-    let (b, _) = app.customer().await;
-    let first = order(&app, &a, &product, 1, Some("k1")).await;
-    for _ in 0..2 {
+    create_order_is_rate_limited_per_customer_but_replays_are_answered with |c: &mut shopgraph::Config| c.order_rate_limit_per_minute = 3 => |app: TestApp| async move {
+        let product = app.create_product("RATE", 100, 100).await;
+        let (a, _) = app.customer().await;
+        let (b, _) = app.customer().await;
+        let first = order(&app, &a, &product, 1, Some("k1")).await;
+        // a refused attempt counts too
+        assert_eq!(order(&app, &a, &product, 1000, None).await.code(), "INSUFFICIENT_STOCK");
         assert_eq!(order(&app, &a, &product, 1, None).await.status, StatusCode::OK);
-    }
-    let refused = order(&app, &a, &product, 1, None).await;
-    assert_rate_limited(&refused, 60);
-    assert!(refused.body["errors"][0]["message"].as_str().unwrap().contains("at most 3 a minute"));
-    let replay = order(&app, &a, &product, 1, Some("k1")).await;
-    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
-    assert_eq!(replay.body["data"]["createOrder"]["id"], first.body["data"]["createOrder"]["id"]);
-    assert_rate_limited(&order(&app, &a, &product, 1, Some("k2")).await, 60);
-    assert_eq!(order(&app, &b, &product, 1, None).await.status, StatusCode::OK);
-    assert_eq!(app.stock(&product).await, 96);
+        let refused = order(&app, &a, &product, 1, None).await;
+        assert_rate_limited(&refused, 60);
+        assert!(refused.body["errors"][0]["message"].as_str().unwrap().contains("at most 3 a minute"));
+        let replay = order(&app, &a, &product, 1, Some("k1")).await;
+        assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+        assert_eq!(replay.body["data"]["createOrder"]["id"], first.body["data"]["createOrder"]["id"]);
+        assert_rate_limited(&order(&app, &a, &product, 1, Some("k2")).await, 60);
+        assert_eq!(order(&app, &b, &product, 1, None).await.status, StatusCode::OK);
+        assert_eq!(app.stock(&product).await, 97);
+    };
+
+    // Concurrent orders are counted one by one, also when Postgres places
+    // several of one customer in one batch: exactly the limit passes for each.
+    a_burst_of_orders_is_counted_exactly_at_the_rate_limit with |c: &mut shopgraph::Config| c.order_rate_limit_per_minute = 7 => |app: TestApp| async move {
+        let app = std::sync::Arc::new(app);
+        let product = app.create_product("BURST", 100, 1000).await;
+        let (a, _) = app.customer().await;
+        let (b, _) = app.customer().await;
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let (app, product) = (app.clone(), product.clone());
+                let token = if i % 3 == 0 { b.clone() } else { a.clone() };
+                tokio::spawn(async move { (i % 3 == 0, order(&app, &token, &product, 1, None).await) })
+            })
+            .collect();
+        let (mut placed_a, mut placed_b, mut limited) = (0, 0, 0);
+        for t in tasks {
+            let (is_b, answer) = t.await.unwrap();
+            match answer.status {
+                StatusCode::OK if is_b => placed_b += 1,
+                StatusCode::OK => placed_a += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    let message = answer.body["errors"][0]["message"].as_str().unwrap().to_string();
+                    assert!(message.contains("at most 7 a minute"), "{message}");
+                    limited += 1
+                }
+                other => panic!("unexpected {other}: {}", answer.body),
+            }
+        }
+        // a sent 20, b 10: each gets 7
+        assert_eq!((placed_a, placed_b, limited), (7, 7, 16));
+        assert_eq!(app.stock(&product).await, 1000 - 14);
+    };
 }
 
-/// Concurrent orders are counted hit by hit in Redis: of a burst, exactly
-/// the limit passes for each customer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_orders_is_counted_exactly_at_the_rate_limit() {
-    let app = std::sync::Arc::new(common::spawn_app_with(Backend::Sqlite, |c| c.order_rate_limit_per_minute = 7).await);
-    let product = app.create_product("BURST", 100, 1000).await;
-    let (a, _) = app.customer().await;
-    let (b, _) = app.customer().await;
-    let tasks: Vec<_> = (0..30)
-        .map(|i| {
-            let (app, product) = (app.clone(), product.clone());
-            let token = if i % 3 == 0 { b.clone() } else { a.clone() };
-            tokio::spawn(async move { (i % 3 == 0, order(&app, &token, &product, 1, None).await.status) })
-        })
-        .collect();
-    let (mut placed_a, mut placed_b, mut limited) = (0, 0, 0);
-    for t in tasks {
-        match t.await.unwrap() {
-            (true, StatusCode::OK) => placed_b += 1,
-            (false, StatusCode::OK) => placed_a += 1,
-            (_, StatusCode::TOO_MANY_REQUESTS) => limited += 1,
-            (_, other) => panic!("unexpected {other}"),
-        }
+/// The `createOrder` rate is counted by the placing transaction, in the
+/// database every instance shares: exact across instances, and as exact
+/// with Redis gone.
+async fn the_order_rate_is_shared_by_instances_and_holds_with_redis_down(backend: Backend) {
+    let mut redis = PrivateRedis::start(&[]).await;
+    let url = redis.url.clone();
+    let one = common::spawn_app_with(backend, |c| {
+        c.redis_url = Some(url);
+        c.order_rate_limit_per_minute = 4;
+    })
+    .await;
+    let two = one.sibling().await;
+    let product = one.create_product("SHARED", 100, 100).await;
+    let (a, _) = one.customer().await;
+    redis.kill();
+    assert!(!redis.ping().await);
+    for i in 0..4 {
+        let app = if i % 2 == 0 { &one } else { &two };
+        let placed = order(app, &a, &product, 1, None).await;
+        assert_eq!(placed.status, StatusCode::OK, "{}", placed.body);
     }
-    // a sent 20, b 10: each gets 7
-    assert_eq!((placed_a, placed_b, limited), (7, 7, 16));
-    assert_eq!(app.stock(&product).await, 1000 - 14);
+    for app in [&one, &two] {
+        let refused = order(app, &a, &product, 1, None).await;
+        assert_rate_limited(&refused, 60);
+        assert!(refused.body["errors"][0]["message"].as_str().unwrap().contains("at most 4 a minute"));
+    }
+    assert_eq!(one.stock(&product).await, 96);
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_rate_is_shared_by_instances_and_holds_with_redis_down_sqlite() {
+    the_order_rate_is_shared_by_instances_and_holds_with_redis_down(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_rate_is_shared_by_instances_and_holds_with_redis_down_postgres() {
+    if common::skip_without_postgres() {
+        return;
+    }
+    the_order_rate_is_shared_by_instances_and_holds_with_redis_down(Backend::Postgres).await;
 }
 
 /// A Redis that restarted has forgotten the counting script: the next hit

@@ -12,7 +12,7 @@ pub(super) use batch::{workers, Batcher};
 
 use super::{is_unique_violation, PgStore};
 use crate::domain::{CustomerId, OrderRequest};
-use crate::store::{PendingLimits, PlaceError, Placed, Store, StoreError};
+use crate::store::{PlaceError, Placed, PlacementLimits, Store, StoreError};
 
 /// How often a placement that Postgres aborted (deadlock, serialization
 /// failure: nothing was written) is tried again.
@@ -28,7 +28,7 @@ impl PgStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        limits: PlacementLimits,
     ) -> Result<Placed, PlaceError> {
         if let Some(placed) = self.order_for_key(customer, request).await? {
             return Ok(placed);

@@ -10,7 +10,7 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{is_unique_violation, json_ids, ms, time, SqliteStore};
 use crate::domain::{CustomerId, OrderId, OrderRequest};
-use crate::store::placement::{decide, placed_order, Accepted, Pending, PendingLimits, Stocked};
+use crate::store::placement::{decide, placed_order, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
 use crate::store::{fingerprint, PlaceError, Placed, Store};
 
 impl SqliteStore {
@@ -23,17 +23,20 @@ impl SqliteStore {
         request: &OrderRequest,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        limits: PlacementLimits,
     ) -> Result<Placed, PlaceError> {
         if let Some(placed) = self.order_for_key(customer, request).await? {
             return Ok(placed);
         }
         let mut tx = self.begin().await?;
+        let (placed, window_ends) = count_attempt(&mut tx, customer, now).await?;
         let (products, pending) = facts(&mut tx, customer, request, now, limits).await?;
+        let pending = Pending { placed, window_ends, ..pending };
         let accepted = match decide(request, &products, pending, limits) {
             Ok(accepted) => accepted,
             Err(refusal) => {
-                tx.rollback().await?;
+                // the attempt stays counted: a refused one counts too
+                tx.commit().await?;
                 return Err(refusal);
             }
         };
@@ -52,6 +55,31 @@ impl SqliteStore {
     }
 }
 
+/// Counts a placement attempt in the customer's current window (a new
+/// window starts when the last one is over). Returns the attempts in it,
+/// this one included, and when it ends; none for an unknown customer.
+async fn count_attempt(
+    tx: &mut Transaction<'static, Sqlite>,
+    customer: CustomerId,
+    now: DateTime<Utc>,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "UPDATE customers
+         SET placements = CASE WHEN placements_since IS NULL OR placements_since + ?3 <= ?2
+                               THEN 1 ELSE placements + 1 END,
+             placements_since = CASE WHEN placements_since IS NULL OR placements_since + ?3 <= ?2
+                                     THEN ?2 ELSE placements_since END
+         WHERE id = ?1
+         RETURNING placements, placements_since + ?3",
+    )
+    .bind(customer.0)
+    .bind(ms(now))
+    .bind(PLACEMENT_WINDOW.as_millis() as i64)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map_or((0, None), |(placed, ends)| (placed, Some(time(ends)))))
+}
+
 /// The facts of a placement, read in one statement (each statement costs
 /// thread hand-offs while the single writer is held): each line's product
 /// as it is now (`None`: no such product), in line order, and what the
@@ -62,7 +90,7 @@ async fn facts(
     customer: CustomerId,
     request: &OrderRequest,
     now: DateTime<Utc>,
-    limits: PendingLimits,
+    limits: PlacementLimits,
 ) -> Result<(Vec<Option<Stocked>>, Pending), sqlx::Error> {
     // `g` is always one row, so the customer's counts arrive even when no
     // line names a product that exists
@@ -76,7 +104,7 @@ async fn facts(
     )
     .bind(customer.0)
     .bind(ms(now))
-    .bind(limits != PendingLimits::NONE)
+    .bind(limits != PlacementLimits::NONE)
     .bind(json_ids(request.lines.iter().map(|(p, _)| p.0)))
     .fetch_all(&mut **tx)
     .await?;
@@ -94,7 +122,12 @@ async fn facts(
     let pending = match rows.first() {
         Some(r) => {
             let first_expiry: Option<i64> = r.try_get("first_expiry")?;
-            Pending { orders: r.try_get("n")?, units: r.try_get("units")?, first_expiry: first_expiry.map(time) }
+            Pending {
+                orders: r.try_get("n")?,
+                units: r.try_get("units")?,
+                first_expiry: first_expiry.map(time),
+                ..Pending::default()
+            }
         }
         None => Pending::default(),
     };

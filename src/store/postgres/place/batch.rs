@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::one;
 use crate::domain::{CustomerId, Order, OrderRequest, MAX_TOTAL_CENTS};
-use crate::store::placement::{decide, Pending, PendingLimits, Stocked};
+use crate::store::placement::{decide, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
 use crate::store::{fingerprint, PlaceError};
 
 /// The most orders placed by one statement: enough to amortise the commit,
@@ -50,9 +50,10 @@ pub(in crate::store::postgres) fn workers(max_connections: u32) -> usize {
 
 /// `place_batch` returns one row per order of the batch, in order: the new
 /// order's id (or NULL) and the facts it was judged on.
-const PLACE_BATCH: &str = "SELECT r_id, r_stock, r_price, r_currency, r_pending, r_units, r_first_expiry
+const PLACE_BATCH: &str = "SELECT r_id, r_stock, r_price, r_currency, r_pending, r_units, r_first_expiry, r_placed,
+       r_window_ends
 FROM place_batch($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[],
-                 $7::int[], $8, $9, $10)";
+                 $7::int[], $8, $9, $10, $11, $12)";
 
 /// What happened to one order of a batch.
 #[derive(Debug)]
@@ -70,7 +71,7 @@ struct Job {
     request: OrderRequest,
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-    limits: PendingLimits,
+    limits: PlacementLimits,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -97,7 +98,7 @@ impl Batcher {
         request: &OrderRequest,
         created_at: DateTime<Utc>,
         expires_at: DateTime<Utc>,
-        limits: PendingLimits,
+        limits: PlacementLimits,
     ) -> Outcome {
         let (reply, answer) = oneshot::channel();
         let job = Job { customer, request: request.clone(), created_at, expires_at, limits, reply };
@@ -199,6 +200,8 @@ async fn run(pool: &PgPool, batch: &[Job]) -> Vec<Outcome> {
         .bind(MAX_TOTAL_CENTS)
         .bind(i64::from(limits.orders))
         .bind(i64::from(limits.units))
+        .bind(i64::from(limits.per_window))
+        .bind(PLACEMENT_WINDOW)
         .fetch_all(pool)
         .await;
     let rows = match res {
@@ -240,6 +243,8 @@ fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
         orders: row.try_get("r_pending")?,
         units: row.try_get("r_units")?,
         first_expiry: row.try_get("r_first_expiry")?,
+        placed: row.try_get::<Option<i64>, _>("r_placed")?.unwrap_or(0),
+        window_ends: row.try_get("r_window_ends")?,
     };
     let decision = decide(&job.request, &products, pending, job.limits);
     let (customer, request) = (job.customer, &job.request);

@@ -9,28 +9,30 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 use crate::domain::{CustomerId, Order, OrderId, OrderRequest, MAX_TOTAL_CENTS};
-use crate::store::placement::{decide, placed_order, Accepted, Pending, PendingLimits, Stocked};
+use crate::store::placement::{decide, placed_order, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
 use crate::store::{fingerprint, PlaceError};
 
 /// One order as one statement: orders with an idempotency key, batches of
 /// one, and orders of a batch that failed as a whole. `gate` locks the
-/// customer and counts its unpaid orders after that lock (see `lock_pending`
-/// in the pending-limits migration); `locked` waits for `gate`, then takes
-/// the row locks in product id order (the order every transaction here
-/// uses, so none deadlock) and reads the latest stock; `ok` is the write's
-/// condition, the rules of [`decide`] on the same facts; `taken`, `o` and
-/// `l` write only when `ok`. The rows returned are the facts: the products
-/// as locked (stock before the order), with the new order's id or NULL, and
-/// the customer's unpaid orders before it.
+/// customer, counts the attempt in its rate window and counts its unpaid
+/// orders after that lock (see `lock_counted` in the placement-rate
+/// migration); `locked` waits for `gate` and, unless the customer is over
+/// its rate, takes the row locks in product id order (the order every
+/// transaction here uses, so none deadlock) and reads the latest stock;
+/// `ok` is the write's condition, the rules of [`decide`] on the same
+/// facts; `taken`, `o` and `l` write only when `ok`. The rows returned are
+/// the facts: the customer's window and unpaid orders before this order,
+/// once per product as locked (stock before the order) with the new
+/// order's id or NULL, or once with NULL product when none was locked.
 const PLACE_ORDER: &str = "
 WITH gate AS (
-    SELECT * FROM lock_pending($4, $5)
+    SELECT * FROM lock_counted($4, $5, $12)
 ), req AS (
     SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(pid, qty)
 ), locked AS (
     SELECT p.id, p.stock, p.price_cents, p.currency, req.qty
     FROM products p JOIN req ON p.id = req.pid
-    WHERE (SELECT n FROM gate) IS NOT NULL
+    WHERE (SELECT coalesce(placed, 0) FROM gate) <= $13
     ORDER BY p.id
     FOR UPDATE OF p
 ), ok AS (
@@ -56,9 +58,8 @@ WITH gate AS (
     SELECT o.id, locked.id, locked.qty, locked.price_cents FROM o, locked
 )
 SELECT locked.id, locked.stock, locked.price_cents, locked.currency, (SELECT id FROM o) AS order_id,
-       (SELECT n FROM gate) AS pending_orders, (SELECT units FROM gate) AS pending_units,
-       (SELECT first_expiry FROM gate) AS first_expiry
-FROM locked";
+       gate.n AS pending_orders, gate.units AS pending_units, gate.first_expiry, gate.placed, gate.window_ends
+FROM gate LEFT JOIN locked ON true";
 
 /// Places an order in one statement, so one round trip: lock the lines'
 /// products in id order, check them all, and only if every check passes
@@ -70,7 +71,7 @@ pub(super) async fn place(
     request: &OrderRequest,
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-    limits: PendingLimits,
+    limits: PlacementLimits,
 ) -> Result<Order, PlaceError> {
     let pids: Vec<i64> = request.lines.iter().map(|(p, _)| p.0).collect();
     let qtys: Vec<i32> = request.lines.iter().map(|(_, q)| q.0).collect();
@@ -86,30 +87,32 @@ pub(super) async fn place(
         .bind(MAX_TOTAL_CENTS)
         .bind(i64::from(limits.orders))
         .bind(i64::from(limits.units))
+        .bind(PLACEMENT_WINDOW)
+        .bind(i64::from(limits.per_window))
         .fetch_all(pool)
         .await?;
     let mut found: HashMap<i64, Stocked> = HashMap::with_capacity(rows.len());
     for r in &rows {
-        let stocked = Stocked {
-            stock: r.try_get("stock")?,
-            price_cents: r.try_get("price_cents")?,
-            currency: r.try_get("currency")?,
-        };
-        found.insert(r.try_get("id")?, stocked);
+        if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
+            let stocked = Stocked {
+                stock: r.try_get("stock")?,
+                price_cents: r.try_get("price_cents")?,
+                currency: r.try_get("currency")?,
+            };
+            found.insert(id, stocked);
+        }
     }
     let products: Vec<Option<Stocked>> = request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect();
-    let (written, pending) = match rows.first() {
-        Some(r) => {
-            let pending = Pending {
-                orders: r.try_get("pending_orders")?,
-                units: r.try_get("pending_units")?,
-                first_expiry: r.try_get("first_expiry")?,
-            };
-            (r.try_get("order_id")?, pending)
-        }
-        // no line names a product that exists: that is the refusal, whatever the customer holds
-        None => (None, Pending::default()),
+    // `gate` is one row, so there is always at least one
+    let r = rows.first().ok_or_else(|| sqlx::Error::Protocol("placement: no facts returned".into()))?;
+    let pending = Pending {
+        orders: r.try_get("pending_orders")?,
+        units: r.try_get("pending_units")?,
+        first_expiry: r.try_get("first_expiry")?,
+        placed: r.try_get::<Option<i64>, _>("placed")?.unwrap_or(0),
+        window_ends: r.try_get("window_ends")?,
     };
+    let written = r.try_get("order_id")?;
     settle(written, customer, request, decide(request, &products, pending, limits), now, expires_at)
 }
 
