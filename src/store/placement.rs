@@ -76,6 +76,31 @@ pub(crate) struct Pending {
     pub window_ends: Option<DateTime<Utc>>,
 }
 
+/// Each line's product (`None`: it does not exist), in line order, from
+/// the rows a store's placement read: columns `id` (NULL on a row that
+/// carries only the customer's facts), `stock`, `price_cents`, `currency`.
+pub(crate) fn stocked_lines<'r, R>(rows: &'r [R], request: &OrderRequest) -> Result<Vec<Option<Stocked>>, sqlx::Error>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for r in rows {
+        if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
+            let stocked = Stocked {
+                stock: r.try_get("stock")?,
+                price_cents: r.try_get("price_cents")?,
+                currency: r.try_get("currency")?,
+            };
+            found.insert(id, stocked);
+        }
+    }
+    Ok(request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect())
+}
+
 /// An order that passed every rule: what to write for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Accepted {

@@ -65,6 +65,40 @@ async fn login(app: &TestApp, xff: Option<&str>, email: &str, password: &str) ->
     post(app, &headers, LOGIN, json!({"e": email, "p": password})).await
 }
 
+/// Orders of `qty` sent all at once, `a.1` from customer `a` and `b.1`
+/// from `b`, interleaved. Returns how many each placed and, for every 429,
+/// whether it was `b`'s and its message; anything else fails the test.
+async fn burst(
+    app: &std::sync::Arc<TestApp>,
+    product: &str,
+    qty: i64,
+    a: (&str, usize),
+    b: (&str, usize),
+) -> (usize, usize, Vec<(bool, String)>) {
+    let every = (a.1 + b.1) / b.1.max(1);
+    let tasks: Vec<_> = (0..a.1 + b.1)
+        .map(|i| {
+            let is_b = i % every == 0 && i / every < b.1;
+            let token = if is_b { b.0.to_string() } else { a.0.to_string() };
+            let (app, product) = (app.clone(), product.to_string());
+            tokio::spawn(async move { (is_b, order(&app, &token, &product, qty, None).await) })
+        })
+        .collect();
+    let (mut placed_a, mut placed_b, mut refused) = (0, 0, Vec::new());
+    for t in tasks {
+        let (is_b, answer) = t.await.unwrap();
+        match answer.status {
+            StatusCode::OK if is_b => placed_b += 1,
+            StatusCode::OK => placed_a += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused.push((is_b, answer.body["errors"][0]["message"].as_str().unwrap_or_default().to_string()))
+            }
+            other => panic!("unexpected {other}: {}", answer.body),
+        }
+    }
+    (placed_a, placed_b, refused)
+}
+
 fn assert_rate_limited(a: &Answer, max_wait: u64) {
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
     assert_eq!(a.code(), "RATE_LIMITED", "{}", a.body);
@@ -106,30 +140,12 @@ crate::both_stores! {
         let product = app.create_product("RACE", 100, 1000).await;
         let (a, _) = app.customer().await;
         let (b, _) = app.customer().await;
-        let app = std::sync::Arc::new(app);
         // 24 at once from one customer, 4 from another, so that Postgres
         // places them in batches mixing both customers
-        let tasks: Vec<_> = (0..28)
-            .map(|i| {
-                let (app, product) = (app.clone(), product.clone());
-                let token = if i % 7 == 0 { b.clone() } else { a.clone() };
-                tokio::spawn(async move { (i % 7 == 0, order(&app, &token, &product, 2, None).await) })
-            })
-            .collect();
-        let (mut placed_a, mut placed_b, mut limited) = (0, 0, 0);
-        for t in tasks {
-            let (is_b, answer) = t.await.unwrap();
-            match answer.status {
-                StatusCode::OK if is_b => placed_b += 1,
-                StatusCode::OK => placed_a += 1,
-                StatusCode::TOO_MANY_REQUESTS => {
-                    assert!(!is_b, "b holds fewer than the limit: {}", answer.body);
-                    limited += 1
-                }
-                other => panic!("unexpected {other}: {}", answer.body),
-            }
-        }
-        assert_eq!((placed_a, placed_b, limited), (5, 4, 19));
+        let app = std::sync::Arc::new(app);
+        let (placed_a, placed_b, refused) = burst(&app, &product, 2, (&a, 24), (&b, 4)).await;
+        assert!(refused.iter().all(|(is_b, _)| !is_b), "b holds fewer than the limit: {refused:?}");
+        assert_eq!((placed_a, placed_b, refused.len()), (5, 4, 19));
         assert_eq!(app.stock(&product).await, 1000 - 2 * 9, "only the placed orders hold stock");
     };
 
@@ -173,29 +189,10 @@ crate::both_stores! {
         let product = app.create_product("BURST", 100, 1000).await;
         let (a, _) = app.customer().await;
         let (b, _) = app.customer().await;
-        let tasks: Vec<_> = (0..30)
-            .map(|i| {
-                let (app, product) = (app.clone(), product.clone());
-                let token = if i % 3 == 0 { b.clone() } else { a.clone() };
-                tokio::spawn(async move { (i % 3 == 0, order(&app, &token, &product, 1, None).await) })
-            })
-            .collect();
-        let (mut placed_a, mut placed_b, mut limited) = (0, 0, 0);
-        for t in tasks {
-            let (is_b, answer) = t.await.unwrap();
-            match answer.status {
-                StatusCode::OK if is_b => placed_b += 1,
-                StatusCode::OK => placed_a += 1,
-                StatusCode::TOO_MANY_REQUESTS => {
-                    let message = answer.body["errors"][0]["message"].as_str().unwrap().to_string();
-                    assert!(message.contains("at most 7 a minute"), "{message}");
-                    limited += 1
-                }
-                other => panic!("unexpected {other}: {}", answer.body),
-            }
-        }
+        let (placed_a, placed_b, refused) = burst(&app, &product, 1, (&a, 20), (&b, 10)).await;
+        assert!(refused.iter().all(|(_, message)| message.contains("at most 7 a minute")), "{refused:?}");
         // a sent 20, b 10: each gets 7
-        assert_eq!((placed_a, placed_b, limited), (7, 7, 16));
+        assert_eq!((placed_a, placed_b, refused.len()), (7, 7, 16));
         assert_eq!(app.stock(&product).await, 1000 - 14);
     };
 }

@@ -3,14 +3,14 @@
 //! the stock or the customer's unpaid orders: the facts are read first,
 //! [`decide`] judges them, and only an accepted order is written.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{is_unique_violation, json_ids, ms, time, SqliteStore};
 use crate::domain::{CustomerId, OrderId, OrderRequest};
-use crate::store::placement::{decide, placed_order, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
+use crate::store::placement::{
+    decide, placed_order, stocked_lines, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW,
+};
 use crate::store::{fingerprint, PlaceError, Placed, Store};
 
 impl SqliteStore {
@@ -108,17 +108,7 @@ async fn facts(
     .bind(json_ids(request.lines.iter().map(|(p, _)| p.0)))
     .fetch_all(&mut **tx)
     .await?;
-    let mut found: HashMap<i64, Stocked> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
-            let stocked = Stocked {
-                stock: r.try_get("stock")?,
-                price_cents: r.try_get("price_cents")?,
-                currency: r.try_get("currency")?,
-            };
-            found.insert(id, stocked);
-        }
-    }
+    let products = stocked_lines(&rows, request)?;
     let pending = match rows.first() {
         Some(r) => {
             let first_expiry: Option<i64> = r.try_get("first_expiry")?;
@@ -131,7 +121,7 @@ async fn facts(
         }
         None => Pending::default(),
     };
-    Ok((request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect(), pending))
+    Ok((products, pending))
 }
 
 /// Writes an accepted order: its stock taken, its row and its lines.

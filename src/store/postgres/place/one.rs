@@ -3,13 +3,13 @@
 //! [`super::batch`]). The statements only make their writes conditional;
 //! [`decide`] says which refusal an order gets.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
 use crate::domain::{CustomerId, Order, OrderId, OrderRequest, MAX_TOTAL_CENTS};
-use crate::store::placement::{decide, placed_order, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
+use crate::store::placement::{
+    decide, placed_order, stocked_lines, Accepted, Pending, PlacementLimits, PLACEMENT_WINDOW,
+};
 use crate::store::{fingerprint, PlaceError};
 
 /// One order as one statement: orders with an idempotency key, batches of
@@ -91,18 +91,7 @@ pub(super) async fn place(
         .bind(i64::from(limits.per_window))
         .fetch_all(pool)
         .await?;
-    let mut found: HashMap<i64, Stocked> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        if let Some(id) = r.try_get::<Option<i64>, _>("id")? {
-            let stocked = Stocked {
-                stock: r.try_get("stock")?,
-                price_cents: r.try_get("price_cents")?,
-                currency: r.try_get("currency")?,
-            };
-            found.insert(id, stocked);
-        }
-    }
-    let products: Vec<Option<Stocked>> = request.lines.iter().map(|(p, _)| found.remove(&p.0)).collect();
+    let products = stocked_lines(&rows, request)?;
     // `gate` is one row, so there is always at least one
     let r = rows.first().ok_or_else(|| sqlx::Error::Protocol("placement: no facts returned".into()))?;
     let pending = Pending {
