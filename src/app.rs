@@ -241,6 +241,7 @@ impl Domain {
                 units: config.max_pending_units,
                 per_window: config.order_rate_limit_per_minute,
             },
+            over_rate: Default::default(),
         });
         let auth = Auth::new(config.admin_token.clone(), &jwt_secret(config), config.jwt_lifetime);
         if config.admin_token.is_none() {

@@ -4,14 +4,18 @@
 //! transactions; this module adds what surrounds them: the expiry hash in
 //! Redis, the events, the metrics, the log line with the order id.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use tracing::{info, warn};
 
 use crate::{
     auth::Identity,
-    domain::{CancelReason, CancelSource, Order, OrderEvent, OrderId, OrderRequest, OrderStatus},
+    domain::{CancelReason, CancelSource, CustomerId, Order, OrderEvent, OrderId, OrderRequest, OrderStatus},
     error::{ShopError, ShopResult},
     events::EventBus,
     expiry::schedule::Scheduler,
@@ -28,6 +32,33 @@ pub struct Orders {
     /// What one customer's unpaid orders may hold (`MAX_PENDING_ORDERS`,
     /// `MAX_PENDING_UNITS`) and how often it may place (`ORDER_RATE_LIMIT`).
     pub limits: PlacementLimits,
+    pub(crate) over_rate: OverRate,
+}
+
+/// Customers this instance saw over their placement rate, each until its
+/// window ends. Their further attempts (without idempotency key) are
+/// refused here, without a database round trip, so a client hammering
+/// `createOrder` costs the database nothing more. It refuses nothing the
+/// database would have let through: the database said the window is full
+/// until then, and a full window stays full until it ends.
+#[derive(Default)]
+pub(crate) struct OverRate(Mutex<HashMap<CustomerId, DateTime<Utc>>>);
+
+/// Past this many customers, those whose window has ended are dropped.
+const OVER_RATE_KEYS: usize = 100_000;
+
+impl OverRate {
+    fn until(&self, customer: CustomerId, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.0.lock().expect("over-rate lock").get(&customer).copied().filter(|until| *until > now)
+    }
+
+    fn remember(&self, customer: CustomerId, until: DateTime<Utc>, now: DateTime<Utc>) {
+        let mut over = self.0.lock().expect("over-rate lock");
+        if over.len() >= OVER_RATE_KEYS {
+            over.retain(|_, t| *t > now);
+        }
+        over.insert(customer, until);
+    }
 }
 
 impl Orders {
@@ -46,10 +77,21 @@ impl Orders {
         let now = Utc::now().trunc_subsecs(3);
         let expires_at =
             now + chrono::Duration::from_std(self.ttl).expect("ORDER_TTL is at most 30 days (config::MAX_ORDER_TTL)");
+        if request.idempotency_key.is_none() {
+            if let Some(until) = self.over_rate.until(customer, now) {
+                let over = PlaceError::TooManyPlaced { max: self.limits.per_window, free_at: Some(until) };
+                return Err(self.refused(over, now));
+            }
+        }
         let started = std::time::Instant::now();
         let placed = match self.store.place_order(customer, &request, now, expires_at, self.limits).await {
             Ok(placed) => placed,
-            Err(e) => return Err(self.refused(e, now)),
+            Err(e) => {
+                if let PlaceError::TooManyPlaced { free_at: Some(until), .. } = e {
+                    self.over_rate.remember(customer, until, now);
+                }
+                return Err(self.refused(e, now));
+            }
         };
         if placed.created {
             // the reserved stock leaves the catalog (this instance's copies of it)

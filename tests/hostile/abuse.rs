@@ -240,6 +240,35 @@ async fn the_order_rate_is_shared_by_instances_and_holds_with_redis_down_postgre
     the_order_rate_is_shared_by_instances_and_holds_with_redis_down(Backend::Postgres).await;
 }
 
+/// Past its rate, a customer's attempts are refused by the instance that
+/// saw it, without reaching the database, until the window ends; the
+/// database's count stays where the refusal started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_over_the_order_rate_do_not_reach_the_database() {
+    if common::skip_without_postgres() {
+        return;
+    }
+    let app = common::spawn_app_with(Backend::Postgres, |c| c.order_rate_limit_per_minute = 2).await;
+    let product = app.create_product("HAMMER", 100, 100).await;
+    let (a, _) = app.customer().await;
+    for _ in 0..2 {
+        assert_eq!(order(&app, &a, &product, 1, None).await.status, StatusCode::OK);
+    }
+    for _ in 0..20 {
+        let refused = order(&app, &a, &product, 1, None).await;
+        assert_rate_limited(&refused, 60);
+        assert!(refused.body["errors"][0]["message"].as_str().unwrap().contains("at most 2 a minute"));
+    }
+    let db = sqlx::PgPool::connect(&app.config.database_url).await.unwrap();
+    let counted: i32 = sqlx::query_scalar("SELECT max(placements) FROM customers").fetch_one(&db).await.unwrap();
+    assert_eq!(counted, 3, "the first refused attempt was counted, the 19 after it never reached the database");
+    // another instance asks the database, which refuses as well
+    let two = app.sibling().await;
+    assert_rate_limited(&order(&two, &a, &product, 1, None).await, 60);
+    assert_eq!(app.stock(&product).await, 98);
+    two.stop().await;
+}
+
 /// A Redis that restarted has forgotten the counting script: the next hit
 /// loads it again and is still counted in Redis, shared by instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
