@@ -2,7 +2,8 @@
 //!
 //! Every path that ends an order goes through one of the store's conditional
 //! transactions; this module adds what surrounds them: the expiry hash in
-//! Redis, the events, the metrics, the log line with the order id.
+//! Redis, the events, the metrics, the log line with the order id, and the
+//! refusal of a customer this instance already saw over its rate.
 
 use std::{
     collections::HashMap,
@@ -114,7 +115,8 @@ impl Orders {
     }
 
     /// A placement refusal in domain words; the pending limits say how long
-    /// until the customer's earliest unpaid order ends (at the latest).
+    /// until the customer's earliest unpaid order ends (at the latest), the
+    /// rate how long until its window ends.
     fn refused(&self, e: PlaceError, now: DateTime<Utc>) -> ShopError {
         let wait = |free_at: Option<DateTime<Utc>>, otherwise: Duration| {
             free_at.and_then(|t| (t - now).to_std().ok()).unwrap_or(otherwise)
