@@ -62,10 +62,10 @@ pub(crate) struct Stocked {
     pub currency: String,
 }
 
-/// What the customer's unpaid orders held when the placement was decided,
+/// What the customer held when the placement was decided (its unpaid orders),
 /// and its placements in the current window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Pending {
+pub(crate) struct CustomerFacts {
     pub orders: i64,
     pub units: i64,
     /// The earliest deadline among them: when a place frees up at the latest.
@@ -116,7 +116,7 @@ pub(crate) struct Accepted {
 pub(crate) fn decide(
     request: &OrderRequest,
     products: &[Option<Stocked>],
-    pending: Pending,
+    pending: CustomerFacts,
     limits: PlacementLimits,
 ) -> Result<Accepted, PlaceError> {
     if pending.placed > i64::from(limits.per_window) {
@@ -203,23 +203,24 @@ mod tests {
     }
 
     const LIMITS: PlacementLimits = PlacementLimits { orders: 2, units: 10, per_window: 5 };
-    const FULL: Pending = Pending { orders: 2, units: 0, first_expiry: None, placed: 1, window_ends: None };
+    const FULL: CustomerFacts = CustomerFacts { orders: 2, units: 0, first_expiry: None, placed: 1, window_ends: None };
 
-    fn refusal(lines: &[(i64, i32)], products: &[Option<Stocked>], pending: Pending) -> String {
+    fn refusal(lines: &[(i64, i32)], products: &[Option<Stocked>], pending: CustomerFacts) -> String {
         format!("{:?}", decide(&request(lines), products, pending, LIMITS).unwrap_err())
     }
 
     #[test]
     fn an_order_that_breaks_no_rule_is_priced_line_by_line() {
-        let accepted = decide(&request(&[(1, 2), (2, 3)]), &[usd(2, 250), usd(9, 100)], Pending::default(), LIMITS);
+        let accepted =
+            decide(&request(&[(1, 2), (2, 3)]), &[usd(2, 250), usd(9, 100)], CustomerFacts::default(), LIMITS);
         assert_eq!(accepted.unwrap(), Accepted { currency: "USD".into(), prices: vec![250, 100], total: 800 });
     }
 
     #[test]
     fn over_the_rate_limit_nothing_else_is_judged() {
-        let over = Pending { placed: 6, ..Pending::default() };
+        let over = CustomerFacts { placed: 6, ..CustomerFacts::default() };
         assert_eq!(refusal(&[(1, 5)], &[None], over), "TooManyPlaced { max: 5, free_at: None }");
-        let at = Pending { placed: 5, ..Pending::default() };
+        let at = CustomerFacts { placed: 5, ..CustomerFacts::default() };
         assert!(decide(&request(&[(1, 1)]), &[usd(9, 100)], at, LIMITS).is_ok(), "the fifth attempt passes");
     }
 
@@ -244,7 +245,7 @@ mod tests {
     #[test]
     fn stock_wins_over_the_pending_limits_and_names_the_first_short_line() {
         assert_eq!(refusal(&[(1, 5), (2, 5)], &[usd(1, 100), usd(1, 100)], FULL), "InsufficientStock(ProductId(1))");
-        let r = refusal(&[(1, 1), (2, 5)], &[usd(1, 100), usd(1, 100)], Pending::default());
+        let r = refusal(&[(1, 1), (2, 5)], &[usd(1, 100), usd(1, 100)], CustomerFacts::default());
         assert_eq!(r, "InsufficientStock(ProductId(2))");
     }
 
@@ -252,7 +253,7 @@ mod tests {
     fn the_pending_limits_come_last_orders_before_units() {
         let r = refusal(&[(1, 11)], &[usd(99, 1)], FULL);
         assert!(r.starts_with("TooManyPending { max: 2"), "{r}");
-        let r = refusal(&[(1, 4)], &[usd(99, 1)], Pending { orders: 1, units: 7, ..FULL });
+        let r = refusal(&[(1, 4)], &[usd(99, 1)], CustomerFacts { orders: 1, units: 7, ..FULL });
         assert!(r.starts_with("TooManyUnits { max: 10, would_hold: 11"), "{r}");
     }
 }

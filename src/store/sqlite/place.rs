@@ -9,7 +9,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{is_unique_violation, json_ids, ms, time, SqliteStore};
 use crate::domain::{CustomerId, OrderId, OrderRequest};
 use crate::store::placement::{
-    decide, placed_order, stocked_lines, Accepted, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW,
+    decide, placed_order, stocked_lines, Accepted, CustomerFacts, PlacementLimits, Stocked, PLACEMENT_WINDOW,
 };
 use crate::store::{fingerprint, PlaceError, Placed, Store};
 
@@ -31,7 +31,7 @@ impl SqliteStore {
         let mut tx = self.begin().await?;
         let (placed, window_ends) = count_attempt(&mut tx, customer, now).await?;
         let (products, pending) = facts(&mut tx, customer, request, now, limits).await?;
-        let pending = Pending { placed, window_ends, ..pending };
+        let pending = CustomerFacts { placed, window_ends, ..pending };
         let accepted = match decide(request, &products, pending, limits) {
             Ok(accepted) => accepted,
             Err(refusal) => {
@@ -64,11 +64,11 @@ async fn count_attempt(
     now: DateTime<Utc>,
 ) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
+        // the rule of the Postgres `count_placements`: a window that never
+        // started (NULL) or has ended starts now
         "UPDATE customers
-         SET placements = CASE WHEN placements_since IS NULL OR placements_since + ?3 <= ?2
-                               THEN 1 ELSE placements + 1 END,
-             placements_since = CASE WHEN placements_since IS NULL OR placements_since + ?3 <= ?2
-                                     THEN ?2 ELSE placements_since END
+         SET placements_since = CASE WHEN placements_since + ?3 > ?2 THEN placements_since ELSE ?2 END,
+             placements = CASE WHEN placements_since + ?3 > ?2 THEN placements ELSE 0 END + 1
          WHERE id = ?1
          RETURNING placements, placements_since + ?3",
     )
@@ -91,7 +91,7 @@ async fn facts(
     request: &OrderRequest,
     now: DateTime<Utc>,
     limits: PlacementLimits,
-) -> Result<(Vec<Option<Stocked>>, Pending), sqlx::Error> {
+) -> Result<(Vec<Option<Stocked>>, CustomerFacts), sqlx::Error> {
     // `g` is always one row, so the customer's counts arrive even when no
     // line names a product that exists
     let rows = sqlx::query(
@@ -112,14 +112,14 @@ async fn facts(
     let pending = match rows.first() {
         Some(r) => {
             let first_expiry: Option<i64> = r.try_get("first_expiry")?;
-            Pending {
+            CustomerFacts {
                 orders: r.try_get("n")?,
                 units: r.try_get("units")?,
                 first_expiry: first_expiry.map(time),
-                ..Pending::default()
+                ..CustomerFacts::default()
             }
         }
-        None => Pending::default(),
+        None => CustomerFacts::default(),
     };
     Ok((products, pending))
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::one;
 use crate::domain::{CustomerId, Order, OrderRequest, MAX_TOTAL_CENTS};
-use crate::store::placement::{decide, Pending, PlacementLimits, Stocked, PLACEMENT_WINDOW};
+use crate::store::placement::{decide, CustomerFacts, PlacementLimits, Stocked, PLACEMENT_WINDOW};
 use crate::store::{fingerprint, PlaceError};
 
 /// The most orders placed by one statement: enough to amortise the commit,
@@ -239,7 +239,7 @@ fn outcome(row: &PgRow, job: &Job) -> Result<Outcome, sqlx::Error> {
             Some(Stocked { stock: stock?, price_cents: price_cents?, currency: currency? })
         })
         .collect();
-    let pending = Pending {
+    let pending = CustomerFacts {
         orders: row.try_get("r_pending")?,
         units: row.try_get("r_units")?,
         first_expiry: row.try_get("r_first_expiry")?,

@@ -8,7 +8,7 @@ use sqlx::{PgPool, Row};
 
 use crate::domain::{CustomerId, Order, OrderId, OrderRequest, MAX_TOTAL_CENTS};
 use crate::store::placement::{
-    decide, placed_order, stocked_lines, Accepted, Pending, PlacementLimits, PLACEMENT_WINDOW,
+    decide, placed_order, stocked_lines, Accepted, CustomerFacts, PlacementLimits, PLACEMENT_WINDOW,
 };
 use crate::store::{fingerprint, PlaceError};
 
@@ -94,7 +94,7 @@ pub(super) async fn place(
     let products = stocked_lines(&rows, request)?;
     // `gate` is one row, so there is always at least one
     let r = rows.first().ok_or_else(|| sqlx::Error::Protocol("placement: no facts returned".into()))?;
-    let pending = Pending {
+    let pending = CustomerFacts {
         orders: r.try_get("pending_orders")?,
         units: r.try_get("pending_units")?,
         first_expiry: r.try_get("first_expiry")?,
