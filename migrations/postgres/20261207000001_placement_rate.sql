@@ -12,36 +12,11 @@
 -- exact across instances and holds while Redis is away.
 --
 -- The functions get new names or signatures, so instances of the previous
--- release keep theirs during a rolling upgrade. The window rule itself is
--- written once, in `count_placements`.
+-- release keep theirs during a rolling upgrade.
 
 ALTER TABLE customers
     ADD COLUMN placements_since timestamptz,
     ADD COLUMN placements integer NOT NULL DEFAULT 0;
-
--- The window rule, for one placement and for a batch: locks the customers
--- of `attempts` in id order (as every placement does, so none deadlock)
--- and counts each customer's attempts (its repeats in the array) in its
--- current window, which starts anew at `at` once `rate_window` has passed
--- since it started. Returns per customer the attempts in the window before
--- these, and when the window ends; nothing for an id with no customer.
-CREATE FUNCTION count_placements(attempts bigint[], at timestamptz, rate_window interval)
-RETURNS TABLE (counted_id bigint, counted_before bigint, counted_ends timestamptz)
-LANGUAGE sql
-AS $fn$
-    WITH k AS (
-        SELECT a.id, count(*)::int AS n FROM unnest(attempts) AS a(id) GROUP BY a.id
-    ), locked AS (
-        SELECT c.id, k.n FROM customers c JOIN k ON k.id = c.id ORDER BY c.id FOR NO KEY UPDATE OF c
-    )
-    UPDATE customers c
-       -- a window that never started (NULL) or has ended starts at `at`
-       SET placements_since = CASE WHEN c.placements_since + rate_window > at THEN c.placements_since ELSE at END,
-           placements = CASE WHEN c.placements_since + rate_window > at THEN c.placements ELSE 0 END + locked.n
-      FROM locked
-     WHERE c.id = locked.id
-    RETURNING c.id, (c.placements - locked.n)::bigint, c.placements_since + rate_window
-$fn$;
 
 -- lock_pending, counting the attempt: also returns the attempts in the
 -- window (this one included) and when the window ends. `placed` and
@@ -55,8 +30,13 @@ DECLARE
     c_placed bigint;
     c_ends timestamptz;
 BEGIN
-    SELECT p.counted_before + 1, p.counted_ends INTO c_placed, c_ends
-      FROM count_placements(ARRAY[customer], at, rate_window) p;
+    UPDATE customers c
+       SET placements_since = CASE WHEN c.placements_since IS NULL OR c.placements_since + rate_window <= at
+                                   THEN at ELSE c.placements_since END,
+           placements = CASE WHEN c.placements_since IS NULL OR c.placements_since + rate_window <= at
+                             THEN 1 ELSE c.placements + 1 END
+     WHERE c.id = customer
+    RETURNING c.placements, c.placements_since + rate_window INTO c_placed, c_ends;
     RETURN QUERY
     SELECT count(*) FILTER (WHERE o.expires_at > at),
            coalesce(sum(u.q) FILTER (WHERE o.expires_at > at), 0)::bigint,
@@ -135,11 +115,27 @@ DECLARE
     i int;
     j int;
 BEGIN
-    -- lock the customers (in id order) and count the batch's attempts
-    SELECT coalesce(array_agg(p.counted_id), '{}'), coalesce(array_agg(p.counted_before), '{}'),
-           coalesce(array_agg(p.counted_ends), '{}')
+    -- lock the customers in id order (as every placement does, so none
+    -- deadlock) and count the batch's attempts in their windows
+    WITH locked AS (
+        SELECT c.id FROM customers c WHERE c.id = ANY (o_customer) ORDER BY c.id FOR NO KEY UPDATE
+    ), attempts AS (
+        SELECT a.id, count(*)::int AS k FROM unnest(o_customer) AS a(id) GROUP BY a.id
+    ), counted AS (
+        UPDATE customers c
+           SET placements_since = CASE WHEN c.placements_since IS NULL
+                                            OR c.placements_since + rate_window <= o_created[1]
+                                       THEN o_created[1] ELSE c.placements_since END,
+               placements = CASE WHEN c.placements_since IS NULL OR c.placements_since + rate_window <= o_created[1]
+                                 THEN attempts.k ELSE c.placements + attempts.k END
+          FROM locked JOIN attempts ON attempts.id = locked.id
+         WHERE c.id = locked.id
+        RETURNING c.id, (c.placements - attempts.k)::bigint AS placed_before, c.placements_since + rate_window AS ends
+    )
+    SELECT coalesce(array_agg(counted.id), '{}'), coalesce(array_agg(counted.placed_before), '{}'),
+           coalesce(array_agg(counted.ends), '{}')
       INTO h_id, h_placed, h_ends
-      FROM count_placements(o_customer, o_created[1], rate_window) p;
+      FROM counted;
     -- one index lookup per customer (see the top of this file)
     SELECT coalesce(array_agg(c.id), '{}'), coalesce(array_agg(s.n), '{}'), coalesce(array_agg(s.units), '{}'),
            coalesce(array_agg(s.first_expiry), '{}')

@@ -64,8 +64,8 @@ async fn count_attempt(
     now: DateTime<Utc>,
 ) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
-        // the rule of the Postgres `count_placements`: a window that never
-        // started (NULL) or has ended starts now
+        // the rule of the Postgres `lock_counted` and `place_batch`: a
+        // window that never started (NULL) or has ended starts now
         "UPDATE customers
          SET placements_since = CASE WHEN placements_since + ?3 > ?2 THEN placements_since ELSE ?2 END,
              placements = CASE WHEN placements_since + ?3 > ?2 THEN placements ELSE 0 END + 1
